@@ -1,0 +1,91 @@
+"""The Python API for build scripts: ``compile(...) -> Artifact`` and ``load_artifact(path)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler import artifact as artifact_io
+from compiler.driver import CompileOptions, compile_model
+from compiler.passes import PipelineReport
+from compiler.signature import check_inputs, random_inputs
+
+
+class Artifact:
+    """A compiled artifact folder: its manifest, and a way to run it on this host."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict[str, Any] | None = None,
+                 report: PipelineReport | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = manifest if manifest is not None else artifact_io.read_manifest(self.path)
+        #: per-pass timings of the compile that made it (None when loaded from disk)
+        self.report = report
+
+    def __repr__(self) -> str:
+        return f"Artifact({str(self.path)!r}, emit={self.manifest['emit']!r}, target={self.manifest['target']['name']!r})"
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.manifest["signature"]["inputs"]
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        return self.manifest["signature"]["outputs"]
+
+    def check(self) -> None:
+        """Raise ArtifactError when a file is missing or differs from its manifest hash."""
+        artifact_io.check_files(self.path, self.manifest)
+
+    @cached_property
+    def _runner(self) -> Any:
+        from targets import get_backend
+
+        self.check()
+        return get_backend(self.manifest["emit"]).load(self.path, self.manifest)
+
+    def random_inputs(self, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+        return random_inputs(self.inputs, seed=seed, dims=dims)
+
+    def run(self, inputs: Mapping[str, np.ndarray] | None = None, *, seed: int = 0) -> dict[str, np.ndarray]:
+        """Run on this host; inputs and outputs are keyed by tensor name (seeded random inputs when None)."""
+        if inputs is None:
+            inputs = self.random_inputs(seed)
+        checked = check_inputs(inputs, self.inputs, str(self.path))
+        return self._runner.run(checked)
+
+
+def compile(
+    model: Any,
+    *,
+    target: str = "x86_64-linux-gnu",
+    emit: str = "onnx",
+    output: str | os.PathLike,
+    device: str | None = None,
+    opt_level: int = 1,
+    passes: str | None = None,
+    verify: bool = True,
+    dump_ir: str | os.PathLike | None = None,
+    quiet: bool = True,
+    **emit_options: Any,
+) -> Artifact:
+    """Compile ``model`` (a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``) into ``output``.
+
+    ``passes`` (a pipeline string) replaces the ``opt_level`` pipeline when given.
+    Raises a ``compiler.errors.KilnError`` subclass on bad input; nothing is left
+    at ``output`` when it fails.
+    """
+    options = CompileOptions(
+        target=target, device=device, emit=emit, opt_level=opt_level, passes=passes,
+        verify=verify, dump_ir=dump_ir, quiet=quiet, emit_options=dict(emit_options),
+    )
+    result = compile_model(model, output, options)
+    return Artifact(result.path, result.manifest, result.report)
+
+
+def load_artifact(path: str | os.PathLike) -> Artifact:
+    return Artifact(path)
