@@ -60,7 +60,8 @@ def max_abs_error(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.nd
         e = np.asarray(e)
         a = np.asarray(actual.get(name))
         if e.dtype.kind in "fiu" and e.shape == a.shape and e.size:
-            d = np.abs(e.astype(np.float64) - a.astype(np.float64))
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = np.abs(e.astype(np.float64) - a.astype(np.float64))
             d = d[np.isfinite(d)]
             if d.size:
                 worst = max(worst, float(d.max()))
