@@ -60,9 +60,14 @@ def compile_model(
     if options.emit not in spec.emit:
         from compiler.errors import TargetError
 
+        from targets import available_emits
+
+        installed = [e for e in spec.emit if e in available_emits()]
+        missing = [e for e in spec.emit if e not in installed]
         raise TargetError(
             f"target {spec.name!r} (device {spec.device}) does not support --emit {options.emit}",
-            hint=f"it supports: {', '.join(spec.emit)}",
+            hint=f"it supports: {', '.join(installed) or 'none of the installed backends'}"
+            + (f" (and {', '.join(missing)}, whose backends this kiln does not have yet)" if missing else ""),
         )
     backend = get_backend(options.emit)
     pipeline = options.passes if options.passes is not None else opt_level_pipeline(options.opt_level)

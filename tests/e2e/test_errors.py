@@ -117,3 +117,16 @@ def test_debug_shows_traceback(tmp_path):
 def test_run_and_inspect_bad_paths(tmp_path, command):
     r = kiln(command, str(tmp_path / "nothing-here"))
     assert r.returncode == 1 and r.stderr.startswith("kiln: error: ")
+
+
+def test_emit_the_target_device_cannot_take(tmp_path, example):
+    out = tmp_path / "out"
+    r = kiln("compile", str(example), "--target", "aarch64-linux-android", "--device", "opencl", "-o", str(out))
+    _assert_clean_failure(r, tmp_path, out, "does not support --emit onnx")
+    assert "tvm" in r.stderr
+
+
+def test_device_the_triple_cannot_have(tmp_path, example):
+    out = tmp_path / "out"
+    r = kiln("compile", str(example), "--target", "aarch64-linux-gnu", "--device", "metal", "-o", str(out))
+    _assert_clean_failure(r, tmp_path, out, "metal")
