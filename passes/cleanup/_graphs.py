@@ -6,8 +6,6 @@ Not a pass; every function here is linear in what it touches.
 from __future__ import annotations
 
 import collections
-import contextlib
-import gc
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -38,23 +36,6 @@ QUANT_KEY = QUANT_RECORD_KEY
 
 #: Initializers can live outside graph inputs from IR version 4 on.
 FIRST_IR_WITH_FREE_INITIALIZERS = 4
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a pass runs.
-
-    Nodes and values reference each other, so a pass allocates many objects in
-    cycles; full collections triggered midway scan the whole heap and make the
-    pass's time grow faster than the graph. Collection resumes afterwards.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def is_standard(node: ir.Node) -> bool:

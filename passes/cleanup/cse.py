@@ -42,10 +42,6 @@ class CommonSubexpressionElimination(Pass):
     max_initializer_elements: int = 1024
 
     def call(self, model: ir.Model) -> PassResult:
-        with _graphs.paused_gc():
-            return self._run(model)
-
-    def _run(self, model: ir.Model) -> PassResult:
         modified = False
         for graph in _graphs.graph_likes(model):
             if self.initializers and isinstance(graph, ir.Graph):

@@ -28,10 +28,6 @@ class EliminateDead(Pass):
     summary: ClassVar[str] = "remove unused nodes, initializers and model-local functions"
 
     def call(self, model: ir.Model) -> PassResult:
-        with _graphs.paused_gc():
-            return self._run(model)
-
-    def _run(self, model: ir.Model) -> PassResult:
         removed = _sweep(model.graph)
         removed += _remove_unused_functions(model)
         for function in model.functions.values():

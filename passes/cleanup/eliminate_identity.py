@@ -40,10 +40,6 @@ class EliminateIdentity(Pass):
     summary: ClassVar[str] = "remove Identity and other nodes that provably do nothing"
 
     def call(self, model: ir.Model) -> PassResult:
-        with _graphs.paused_gc():
-            return self._run(model)
-
-    def _run(self, model: ir.Model) -> PassResult:
         modified = False
         opset = _graphs.default_opset(model)
         for graph in _graphs.graph_likes(model):

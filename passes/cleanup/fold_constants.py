@@ -59,10 +59,6 @@ class FoldConstants(Pass):
     size_limit: int = 1 << 20
 
     def call(self, model: ir.Model) -> PassResult:
-        with _graphs.paused_gc():
-            return self._run(model)
-
-    def _run(self, model: ir.Model) -> PassResult:
         modified = False
         opset = _graphs.default_opset(model)
         for graph in _graphs.graph_likes(model):

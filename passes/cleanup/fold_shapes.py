@@ -33,10 +33,6 @@ class FoldShapes(Pass):
     infer: bool = True
 
     def call(self, model: ir.Model) -> PassResult:
-        with _graphs.paused_gc():
-            return self._run(model)
-
-    def _run(self, model: ir.Model) -> PassResult:
         candidates = [
             (graph, node)
             for graph in _graphs.graph_likes(model)
