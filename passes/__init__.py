@@ -1,3 +1,3 @@
 """kiln's built-in passes; importing this package registers them all."""
 
-from passes import cleanup  # noqa: F401
+from passes import cleanup, fusion  # noqa: F401
