@@ -251,10 +251,10 @@ def _cmd_passes(args: argparse.Namespace) -> int:
         return EXIT_OK
     print("passes:")
     for name, cls in passes.items():
-        print(f"  {name:<22} {cls.summary}")
+        print(f"  {name:<24} {cls.summary}")
         for opt, typ, default in pass_options(cls):
-            print(f"  {'':<22}   {opt}={typ} (default {default})")
-    print("\noptimization levels:")
+            print(f"  {'':<24}   {opt}={typ} (default {default})")
+    print("\noptimization levels (-O3 as on a CPU target whose runtime has onnxruntime contrib ops):")
     for level, pipeline in OPT_LEVELS.items():
         print(f"  -O{level}  {pipeline or '(no passes)'}")
     print("\npipeline syntax: name{opt=value,...},name,...; fixpoint(a,b){max-iterations=N} repeats until nothing changes")

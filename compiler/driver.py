@@ -70,7 +70,11 @@ def compile_model(
             + (f" (and {', '.join(missing)}, whose backends this kiln does not have yet)" if missing else ""),
         )
     backend = get_backend(options.emit)
-    pipeline = options.passes if options.passes is not None else opt_level_pipeline(options.opt_level)
+    if options.passes is not None:
+        pipeline = options.passes
+    else:
+        contrib = options.emit == "onnx" and spec.onnx_runtime_contrib
+        pipeline = opt_level_pipeline(options.opt_level, contrib=contrib, gpu=spec.device != "cpu")
     steps = parse_pipeline(pipeline)
     out = Path(output)
 

@@ -106,19 +106,41 @@ class Fixpoint:
 
 Step = Pass | Fixpoint
 
-#: Named pipelines for -O0 .. -O3. Later optimization work appends to O2/O3.
-OPT_LEVELS: dict[int, str] = {
-    0: "",
-    1: "eliminate-identity,fold-shapes,fold-constants,cse,eliminate-dead",
-    2: "fixpoint(eliminate-identity,fold-shapes,fold-constants,cse,eliminate-dead)",
-    3: "fixpoint(eliminate-identity,fold-shapes,fold-constants,cse,eliminate-dead)",
-}
+_CLEANUP = "eliminate-identity,fold-shapes,fold-constants,cse,eliminate-dead"
+#: Fusions that emit standard ONNX ops only (any runtime, any backend).
+_FUSE_STANDARD = (
+    "fuse-pad,fuse-batchnorm,fold-scale-into-weights,fuse-bias,fuse-matmul-add,"
+    "simplify-layout,simplify-concat-slice,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention"
+)
+#: Fusions into onnxruntime's com.microsoft ops; {gpu} picks the forms that only pay off on a GPU.
+_FUSE_CONTRIB = (
+    "fuse-layer-norm{{contrib=true}},fuse-rms-norm{{contrib=true}},fuse-gelu{{contrib=true}},"
+    "fuse-silu{{contrib=true}},fuse-skip-norm{{contrib=true,gpu={gpu}}},"
+    "fuse-attention{{contrib=true,gpu={gpu}}},fuse-conv-activation{{contrib=true}}"
+)
 
 
-def opt_level_pipeline(level: int) -> str:
-    if level not in OPT_LEVELS:
-        raise KilnError(f"unknown optimization level -O{level}", hint="use -O0, -O1, -O2 or -O3")
-    return OPT_LEVELS[level]
+def opt_level_pipeline(level: int, *, contrib: bool = False, gpu: bool = False) -> str:
+    """The named pipeline of -O``level``.
+
+    -O1 cleans up once; -O2 iterates cleanup and standard-op fusions to a fixed
+    point; -O3 adds the runtime-specific fusions when the target's runtime has
+    onnxruntime's contrib ops (``contrib``), in their GPU forms when ``gpu``.
+    """
+    if level == 0:
+        return ""
+    if level == 1:
+        return _CLEANUP
+    if level == 2 or (level == 3 and not contrib):
+        return f"fixpoint({_CLEANUP},{_FUSE_STANDARD})"
+    if level == 3:
+        contrib_passes = _FUSE_CONTRIB.format(gpu="true" if gpu else "false")
+        return f"fixpoint({_CLEANUP},{_FUSE_STANDARD}),{contrib_passes},fixpoint({_CLEANUP})"
+    raise KilnError(f"unknown optimization level -O{level}", hint="use -O0, -O1, -O2 or -O3")
+
+
+#: The -O pipelines for a CPU target whose runtime has contrib ops (``kiln passes`` shows these).
+OPT_LEVELS: dict[int, str] = {level: opt_level_pipeline(level, contrib=True) for level in range(4)}
 
 
 def parse_pipeline(text: str) -> list[Step]:

@@ -19,6 +19,8 @@ EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training")
 _CONTRIB_DOMAINS = ("com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc")
+#: onnxruntime contrib kernels registered in the ONNX domain (at any opset).
+_CONTRIB_IN_ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization", "LayerNormalization"})
 
 
 def legalize(model: ir.Model, spec: Any) -> list[str]:
@@ -40,7 +42,7 @@ def _check_node(node, model, functions, contrib, problems, seen) -> None:
     if (domain, node.op_type, node.overload) in functions:
         return
     label = f"node {node.name!r}" if node.name else "an unnamed node"
-    if domain in _CONTRIB_DOMAINS:
+    if domain in _CONTRIB_DOMAINS or (domain == "" and contrib and node.op_type in _CONTRIB_IN_ONNX_DOMAIN):
         if not contrib:
             problems.append(f"{label}: {domain}::{node.op_type} needs onnxruntime contrib ops, which this target's runtime lacks")
         return

@@ -133,3 +133,28 @@ def test_subgraphs_and_functions_survive(tmp_path):
     for c in (True, False):
         want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x, "c": np.array(c)})[0]
         np.testing.assert_allclose(art.run({"x": x, "c": np.array(c)})["y"], want)
+
+
+def _layer_norm_model(op: str, opset: int) -> onnx.ModelProto:
+    scale = numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "scale")
+    node = helper.make_node(op, ["x", "scale"], ["y"], axis=-1, epsilon=1e-5)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], initializer=[scale])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("op, opset", [("SimplifiedLayerNormalization", 17), ("LayerNormalization", 14)])
+def test_onnx_domain_contrib_ops_legal_only_with_contrib_runtime(tmp_path, op, opset):
+    """onnxruntime registers these contrib kernels in the ONNX domain; targets without contrib ops refuse them."""
+    model = _layer_norm_model(op, opset)
+    art = compiler.compile(model, target="x86_64-linux-gnu", output=tmp_path / "ok", opt_level=0)
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(art.run({"x": x})["y"], want, rtol=1e-6)
+    from targets.onnx import legalize
+    from targets.triple import resolve_target
+
+    spec = resolve_target("x86_64-linux-gnu")
+    no_contrib = type(spec)(**{**spec.__dict__, "onnx_runtime_contrib": False})
+    problems = legalize(ir.serde.deserialize_model(model), no_contrib)
+    assert len(problems) == 1 and op in problems[0]
