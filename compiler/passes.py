@@ -109,7 +109,7 @@ Step = Pass | Fixpoint
 _CLEANUP = "eliminate-identity,fold-shapes,fold-constants,cse,eliminate-dead"
 #: Fusions that emit standard ONNX ops only (any runtime, any backend).
 _FUSE_STANDARD = (
-    "fuse-pad,fuse-batchnorm,fold-scale-into-weights,fuse-bias,fuse-matmul-add,"
+    "simplify-reshape-shape,fuse-pad,fuse-batchnorm,fold-scale-into-weights,fuse-bias,fuse-matmul-add,"
     "simplify-layout,simplify-concat-slice,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention"
 )
 #: Fusions into onnxruntime's com.microsoft ops; {gpu} picks the forms that only pay off on a GPU.
@@ -130,12 +130,12 @@ def opt_level_pipeline(level: int, *, contrib: bool = False, gpu: bool = False) 
     if level == 0:
         return ""
     if level == 1:
-        return _CLEANUP
+        return f"infer-types,{_CLEANUP}"
     if level == 2 or (level == 3 and not contrib):
-        return f"fixpoint({_CLEANUP},{_FUSE_STANDARD})"
+        return f"infer-types,fixpoint({_CLEANUP},{_FUSE_STANDARD})"
     if level == 3:
         contrib_passes = _FUSE_CONTRIB.format(gpu="true" if gpu else "false")
-        return f"fixpoint({_CLEANUP},{_FUSE_STANDARD}),{contrib_passes},fixpoint({_CLEANUP})"
+        return f"infer-types,fixpoint({_CLEANUP},{_FUSE_STANDARD}),{contrib_passes},fixpoint({_CLEANUP})"
     raise KilnError(f"unknown optimization level -O{level}", hint="use -O0, -O1, -O2 or -O3")
 
 

@@ -1,7 +1,7 @@
 """Cleanup passes: the -O1 pipeline.
 
 Importing this package registers eliminate-identity, fold-shapes,
-fold-constants, cse and eliminate-dead.
+fold-constants, cse, eliminate-dead, infer-types and simplify-reshape-shape.
 """
 
 from passes.cleanup import (  # noqa: F401  (registers the passes)
@@ -10,4 +10,6 @@ from passes.cleanup import (  # noqa: F401  (registers the passes)
     eliminate_identity,
     fold_constants,
     fold_shapes,
+    infer_types,
+    reshape_shape,
 )

@@ -1,5 +1,8 @@
 """fold-shapes: replace Shape and Size of statically shaped values by constants.
 
+Gather and Slice of a Shape fold too when the dims they pick are static,
+even if other dims are dynamic (Shape(x)[1] of a [batch, 384] value is 384).
+
 When some Shape/Size input lacks the static dims it needs, onnx shape
 inference runs once first (best effort; graph inputs/outputs keep their
 types). Subgraphs are folded too; functions get Constant nodes since they
@@ -20,6 +23,7 @@ from passes.cleanup import _graphs
 from passes.cleanup._shape_inference import Undo, infer_missing_shapes, restore
 
 _SHAPE_OPS = ("Shape", "Size")
+_PICK_OPS = ("Gather", "Slice")
 
 
 @register
@@ -37,7 +41,11 @@ class FoldShapes(Pass):
             (graph, node)
             for graph in _graphs.graph_likes(model)
             for node in graph
-            if node.op_type in _SHAPE_OPS and _graphs.is_standard(node) and _wanted(node)
+            if _graphs.is_standard(node)
+            and (
+                (node.op_type in _SHAPE_OPS and _wanted(node))
+                or (node.op_type in _PICK_OPS and _wanted_pick(node))
+            )
         ]
         if not candidates:
             return PassResult(model, False)
@@ -86,6 +94,62 @@ def _wanted(node: ir.Node) -> bool:
     return bool(output.uses()) and not output.is_graph_output()
 
 
+def _wanted_pick(node: ir.Node) -> bool:
+    """A Gather/Slice reading a Shape output with constant indices (axis 0)."""
+    source = node.inputs[0] if node.inputs else None
+    producer = source.producer() if source is not None else None
+    if producer is None or producer.op_type != "Shape" or not _graphs.is_standard(producer):
+        return False
+    if len(node.outputs) != 1 or not node.outputs[0].uses() or node.outputs[0].is_graph_output():
+        return False
+    if any(_graphs.constant_tensor(v) is None for v in node.inputs[1:] if v is not None):
+        return False
+    return node.op_type != "Gather" or node.attributes.get_int("axis", 0) == 0
+
+
+def _shape_dims(shape_node: ir.Node) -> list[int | ir.SymbolicDim] | None:
+    """The dims a Shape node outputs (after its start/end), known or not."""
+    dims = _dims(shape_node.inputs[0]) if shape_node.inputs and shape_node.inputs[0] is not None else None
+    if dims is None:
+        return None
+    start = shape_node.attributes.get_int("start", 0)
+    end = shape_node.attributes.get_int("end", len(dims))
+    return dims[start:end]
+
+
+def _picked_value(node: ir.Node) -> np.ndarray | None:
+    """Gather/Slice of a Shape output, when every picked dim is static."""
+    shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if shape_node is None or shape_node.op_type != "Shape":
+        return None  # the Shape itself folded earlier in this run: fold-constants takes it from here
+    dims = _shape_dims(shape_node)
+    if dims is None:
+        return None
+    positions = np.arange(len(dims), dtype=np.int64)
+    consts = [_graphs.constant_tensor(v) for v in node.inputs[1:]]
+    arrays = [None if t is None else np.asarray(t.numpy()).astype(np.int64) for t in consts]
+    try:
+        if node.op_type == "Gather":
+            picked = positions[arrays[0]]
+        else:
+            starts, ends = arrays[0], arrays[1]
+            axes = arrays[2] if len(arrays) > 2 and arrays[2] is not None else np.array([0])
+            steps = arrays[3] if len(arrays) > 3 and arrays[3] is not None else np.array([1])
+            if list(axes.reshape(-1)) not in ([0], [-1]) or starts.size != 1 or ends.size != 1:
+                return None
+            start, end, step = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), int(steps.reshape(-1)[0])
+            if step == 0:
+                return None
+            # ONNX clamps huge ends (INT64_MAX) like Python slicing does.
+            picked = positions[slice(start, end, step)]
+    except (IndexError, ValueError, TypeError):
+        return None
+    values = [dims[int(i)] for i in picked.reshape(-1)]
+    if not all(isinstance(d, int) for d in values):
+        return None
+    return np.array(values, dtype=np.int64).reshape(picked.shape)
+
+
 def _dims(value: ir.Value) -> list[int | ir.SymbolicDim] | None:
     if value.shape is not None:
         return list(value.shape)
@@ -95,6 +159,8 @@ def _dims(value: ir.Value) -> list[int | ir.SymbolicDim] | None:
 
 def _folded_value(node: ir.Node) -> np.ndarray | None:
     """The constant the node computes, when its input's (needed) dims are static."""
+    if node.op_type in _PICK_OPS:
+        return _picked_value(node)
     source = node.inputs[0]
     assert source is not None
     dims = _dims(source)
