@@ -112,11 +112,18 @@ _FUSE_STANDARD = (
     "simplify-reshape-shape,fuse-pad,fuse-batchnorm,fold-scale-into-weights,fuse-bias,fuse-matmul-add,"
     "simplify-layout,simplify-concat-slice,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention"
 )
-#: Fusions into onnxruntime's com.microsoft ops; {gpu} picks the forms that only pay off on a GPU.
-_FUSE_CONTRIB = (
-    "fuse-layer-norm{{contrib=true}},fuse-rms-norm{{contrib=true}},fuse-gelu{{contrib=true}},"
-    "fuse-silu{{contrib=true}},fuse-skip-norm{{contrib=true,gpu={gpu}}},"
-    "fuse-attention{{contrib=true,gpu={gpu}}},fuse-conv-activation{{contrib=true}}"
+#: onnxruntime contrib forms of norms and activations. They run before the
+#: standard fusions: fold-scale-into-weights would otherwise move GELU's 0.5
+#: into the next MatMul and break the pattern (and onnxruntime's BiasGelu).
+_FUSE_CONTRIB_EARLY = (
+    "fuse-layer-norm{contrib=true},fuse-rms-norm{contrib=true},"
+    "fuse-gelu{contrib=true},fuse-silu{contrib=true}"
+)
+#: Contrib fusions that need the standard ones first (BatchNorm folded into the
+#: Conv before FusedConv); {gpu} picks the forms that only pay off on a GPU.
+_FUSE_CONTRIB_LATE = (
+    "fuse-skip-norm{{contrib=true,gpu={gpu}}},fuse-attention{{contrib=true,gpu={gpu}}},"
+    "fuse-conv-activation{{contrib=true}}"
 )
 
 
@@ -134,8 +141,11 @@ def opt_level_pipeline(level: int, *, contrib: bool = False, gpu: bool = False) 
     if level == 2 or (level == 3 and not contrib):
         return f"infer-types,fixpoint({_CLEANUP},{_FUSE_STANDARD})"
     if level == 3:
-        contrib_passes = _FUSE_CONTRIB.format(gpu="true" if gpu else "false")
-        return f"infer-types,fixpoint({_CLEANUP},{_FUSE_STANDARD}),{contrib_passes},fixpoint({_CLEANUP})"
+        late = _FUSE_CONTRIB_LATE.format(gpu="true" if gpu else "false")
+        return (
+            f"infer-types,fixpoint({_CLEANUP}),{_FUSE_CONTRIB_EARLY},"
+            f"fixpoint({_CLEANUP},{_FUSE_STANDARD}),{late},fixpoint({_CLEANUP})"
+        )
     raise KilnError(f"unknown optimization level -O{level}", hint="use -O0, -O1, -O2 or -O3")
 
 

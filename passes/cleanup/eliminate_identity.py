@@ -261,13 +261,18 @@ def _neutral_operand(neutral: int, positions: tuple[int, ...]) -> Rule:
             return None
         for position in positions:
             constant, source = node.inputs[position], node.inputs[1 - position]
-            if source is None or source.shape is None or source.dtype is None:
+            if source is None:
                 continue
             tensor = _graphs.constant_tensor(constant)
-            if tensor is None or tensor.dtype != source.dtype or tensor.size > _MAX_NEUTRAL_ELEMENTS:
+            if tensor is None or tensor.size > _MAX_NEUTRAL_ELEMENTS:
                 continue
-            if not _broadcasts_into(list(tensor.shape.numpy()), source.shape):
-                continue
+            # A scalar broadcasts into anything, and ONNX makes both operands
+            # one dtype, so x*1 is x even when x's shape and dtype are unknown.
+            if tensor.shape.numpy() != ():
+                if source.shape is None or source.dtype is None or tensor.dtype != source.dtype:
+                    continue
+                if not _broadcasts_into(list(tensor.shape.numpy()), source.shape):
+                    continue
             if np.all(tensor.numpy() == neutral):
                 return source
         return None

@@ -265,6 +265,48 @@ class SqueezeUnsqueeze(Rule):
         return None
 
 
+class UnsqueezeChain(Rule):
+    """Unsqueeze(Unsqueeze(x, a), b) is one Unsqueeze with the axes merged."""
+
+    name = "unsqueeze-chain"
+    needs_shapes = True
+    anchors = ("Unsqueeze",)
+
+    def match(self, node: ir.Node, ctx: RewriteContext) -> _Pair | None:
+        return _pair(node, ctx, "Unsqueeze")
+
+    def check(self, m: _Pair, ctx: RewriteContext) -> str | None:
+        reason = ctx.sole_user(m.inner.outputs[0], m.outer, "Unsqueeze output")
+        if reason:
+            return reason
+        inner_axes, outer_axes = _axes(m.inner, ctx), _axes(m.outer, ctx)
+        for axes in (inner_axes, outer_axes):
+            if isinstance(axes, str):
+                return axes
+            if axes is None:
+                return "Unsqueeze has no axes"
+        rank = rank_of(m.inner.inputs[0])
+        middle = None if rank is None else rank + len(inner_axes)  # type: ignore[arg-type]
+        final = None if middle is None else middle + len(outer_axes)  # type: ignore[arg-type]
+        a, b = _normalized(inner_axes, middle), _normalized(outer_axes, final)  # type: ignore[arg-type]
+        if a is None or b is None:
+            return "negative axes with an unknown rank"
+        # Dim i of the middle value lands on the i-th final position that the
+        # outer Unsqueeze does not insert.
+        free = [p for p in range(max(a | {0}) + len(b) + 1) if p not in b]
+        m.data = sorted(b | {free[i] for i in a})
+        return None
+
+    def rewrite(self, m: _Pair, ctx: RewriteContext) -> ir.Node:
+        if ctx.opset < 13:
+            m.outer.attributes["axes"] = ir.AttrInt64s("axes", list(m.data))  # type: ignore[arg-type]
+        else:
+            ctx.replace_constant(m.outer, 1, np.array(m.data, dtype=np.int64), hint=f"{m.outer.name or 'unsqueeze'}_axes")
+        ctx.set_input(m.outer, 0, m.inner.inputs[0])
+        ctx.kill(m.inner)
+        return m.outer
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class SimplifyLayout(RulePass):
@@ -272,8 +314,8 @@ class SimplifyLayout(RulePass):
 
     name: ClassVar[str] = "simplify-layout"
     summary: ClassVar[str] = (
-        "compose/cancel Transpose pairs, merge Reshape/Flatten chains, cancel Squeeze/Unsqueeze pairs"
+        "compose/cancel Transpose pairs, merge Reshape/Flatten and Unsqueeze chains, cancel Squeeze/Unsqueeze pairs"
     )
 
     def rules(self) -> list[Rule]:
-        return [TransposeTranspose(), ReshapeChain(), FlattenChain(), SqueezeUnsqueeze()]
+        return [TransposeTranspose(), ReshapeChain(), FlattenChain(), SqueezeUnsqueeze(), UnsqueezeChain()]

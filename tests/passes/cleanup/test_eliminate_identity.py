@@ -4,7 +4,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tests.helpers import op_types, optimize, run_passes
+from tests.helpers import model_from_text, op_types, optimize, run_passes
 
 PASS = "eliminate-identity"
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -224,3 +224,19 @@ def test_second_run_changes_nothing():
     model, report = optimize(text, PASS)
     assert report.modified
     assert not run_passes(model, PASS).modified
+
+
+def test_mul_by_scalar_one_goes_even_when_shapes_are_unknown():
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x) => (float[2,3] y) {
+          r = Relu(x)
+          one = Constant<value = float {1.0}>()
+          m = Mul(r, one)
+          y = Neg(m)
+        }"""
+    )
+    assert model.graph.node(0).outputs[0].shape is None
+    report = run_passes(model, "eliminate-identity,eliminate-dead")
+    assert report.modified
+    assert op_types(model) == ["Relu", "Neg"]

@@ -139,14 +139,15 @@ def test_squeeze_unsqueeze_old_opset_attributes():
 
 
 def test_different_axes_are_kept():
+    # Two Unsqueezes merge into one (unsqueeze-chain); the Squeeze/Unsqueeze pair below does not cancel.
     text = model_text(
         "float[2,4] x",
-        "float[2,4,1] y",
+        "float[1,2,1,4] y",
         [const("a0", [1], dtype="int64", values=[0]), const("a2", [1], dtype="int64", values=[2])],
         "a = Unsqueeze(x, a0)\n        y = Unsqueeze(a, a2)\n",
     )
-    _, report = fuse(text, PASS, compare=False)
-    assert not report.modified
+    _, report = fuse(text, PASS)
+    assert report.modified
     text = model_text(
         "float[1,4] x",
         "float[1,4] y",
@@ -154,3 +155,60 @@ def test_different_axes_are_kept():
         "a = Unsqueeze(x, a1)\n        y = Squeeze(a, a0)",
     )
     assert refused(text, PASS) == ["the Squeeze and Unsqueeze axes differ"]
+
+
+def test_unsqueeze_chain_merges_axes():
+    import numpy as np
+
+    from tests.helpers import op_types, optimize
+
+    model, report = optimize(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[5] x) => (float[1,5,1,1] y) {
+          a0 = Constant<value = int64[1] {0}>()
+          a1 = Constant<value = int64[1] {2}>()
+          a2 = Constant<value = int64[1] {3}>()
+          u0 = Unsqueeze(x, a0)
+          u1 = Unsqueeze(u0, a1)
+          y = Unsqueeze(u1, a2)
+        }""",
+        "simplify-layout,eliminate-dead",
+    )
+    assert report.modified
+    assert op_types(model) == ["Unsqueeze"]
+    axes = model.graph.node(0).inputs[1]
+    np.testing.assert_array_equal((axes.const_value or axes.producer().attributes["value"].as_tensor()).numpy(), [0, 2, 3])
+
+
+def test_unsqueeze_chain_outer_axis_before_inner_axes():
+    from tests.helpers import optimize
+
+    model, report = optimize(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x) => (float[1,2,1,3] y) {
+          a = Constant<value = int64[1] {1}>()
+          b = Constant<value = int64[1] {0}>()
+          u = Unsqueeze(x, a)
+          y = Unsqueeze(u, b)
+        }""",
+        "simplify-layout,eliminate-dead",
+    )
+    assert report.modified  # optimize() also compares outputs with onnxruntime
+
+
+def test_unsqueeze_chain_keeps_a_shared_middle_value():
+    from tests.helpers import model_from_text
+
+    from passes.fusion.layout import SimplifyLayout
+
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[5] x) => (float[1,1,5] y, float[1,5] u) {
+          a = Constant<value = int64[1] {0}>()
+          u = Unsqueeze(x, a)
+          y = Unsqueeze(u, a)
+        }"""
+    )
+    report = SimplifyLayout().run(model)
+    assert not report.modified
+    assert any("graph output" in r or "another user" in r for r in report.reasons("unsqueeze-chain"))
