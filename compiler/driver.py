@@ -14,7 +14,7 @@ import onnx_ir as ir
 import compiler
 from compiler import artifact as artifact_io
 from compiler.compare import compare_outputs, max_abs_error
-from compiler.errors import KilnError, UnsupportedError, VerificationError
+from compiler.errors import KilnError, TargetError, UnsupportedError, VerificationError
 from compiler.importers.onnx_file import import_onnx
 from compiler.passes import PassManager, PassRecord, PipelineReport, opt_level_pipeline, parse_pipeline
 from compiler.progress import Progress
@@ -52,16 +52,12 @@ class CompileResult:
 def compile_model(
     source: Any, output: str | os.PathLike, options: CompileOptions, log: Callable[[str], None] | None = None
 ) -> CompileResult:
-    from targets import get_backend
+    from targets import available_emits, get_backend
     from targets.triple import resolve_target
 
     say = log or (lambda _msg: None)
     spec = resolve_target(options.target, options.device)
     if options.emit not in spec.emit:
-        from compiler.errors import TargetError
-
-        from targets import available_emits
-
         installed = [e for e in spec.emit if e in available_emits()]
         missing = [e for e in spec.emit if e not in installed]
         raise TargetError(
@@ -70,12 +66,7 @@ def compile_model(
             + (f" (and {', '.join(missing)}, whose backends this kiln does not have yet)" if missing else ""),
         )
     backend = get_backend(options.emit)
-    if options.passes is not None:
-        pipeline = options.passes
-    else:
-        contrib = options.emit == "onnx" and spec.onnx_runtime_contrib
-        pipeline = opt_level_pipeline(options.opt_level, contrib=contrib, gpu=spec.device != "cpu")
-    steps = parse_pipeline(pipeline)
+    steps = parse_pipeline(_pipeline_for(options, spec))
     out = Path(output)
 
     with artifact_io.staging(out) as tmp:
@@ -124,6 +115,15 @@ def compile_model(
         artifact_io.write_manifest(tmp, manifest)
     say(f"wrote {out}")
     return CompileResult(Path(os.path.abspath(out)), manifest, report)
+
+
+def _pipeline_for(options: CompileOptions, spec: Any) -> str:
+    """--passes as given, else the -O pipeline for this target: onnxruntime
+    contrib fusions only when the artifact runs on an onnxruntime that has them."""
+    if options.passes is not None:
+        return options.passes
+    contrib = options.emit == "onnx" and spec.onnx_runtime_contrib
+    return opt_level_pipeline(options.opt_level, contrib=contrib, gpu=spec.device != "cpu")
 
 
 def _label(source: Any) -> str:
