@@ -2,6 +2,9 @@
 
 Gather and Slice of a Shape fold too when the dims they pick are static,
 even if other dims are dynamic (Shape(x)[1] of a [batch, 384] value is 384).
+So does Equal(shape vector, negative constant): sizes are never negative, so
+torch's ``expand(-1)`` test ``Equal(Concat(Shape pieces), [-1, ...])`` is a
+constant even when the sizes are dynamic.
 
 When some Shape/Size input lacks the static dims it needs, onnx shape
 inference runs once first (best effort; graph inputs/outputs keep their
@@ -45,6 +48,7 @@ class FoldShapes(Pass):
             and (
                 (node.op_type in _SHAPE_OPS and _wanted(node))
                 or (node.op_type in _PICK_OPS and _wanted_pick(node))
+                or (node.op_type == "Equal" and _wanted_equal(node))
             )
         ]
         if not candidates:
@@ -107,6 +111,76 @@ def _wanted_pick(node: ir.Node) -> bool:
     return node.op_type != "Gather" or node.attributes.get_int("axis", 0) == 0
 
 
+_NONNEG = "size"  # an element known to be a tensor size: >= 0, value unknown
+
+
+def _size_elements(value: ir.Value | None) -> list[int | str] | None:
+    """The elements of a 1-D int64 vector assembled from constants and Shape
+    lookups: ints where known, ``_NONNEG`` where it is some dim's size."""
+    ints = _graphs.constant_ints(value)
+    if ints is not None:
+        return list(ints)
+    node = value.producer() if value is not None else None
+    if node is None or not _graphs.is_standard(node):
+        return None
+    if node.op_type == "Concat" and node.attributes.get_int("axis", 0) in (0, -1):
+        out: list[int | str] = []
+        for piece in node.inputs:
+            elements = _size_elements(piece)
+            if elements is None:
+                return None
+            out.extend(elements)
+        return out
+    scalar = False
+    if node.op_type == "Unsqueeze" and len(node.inputs) == 2:
+        if _graphs.constant_ints(node.inputs[1]) != [0]:
+            return None
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        scalar = True
+        if node is None or not _graphs.is_standard(node):
+            return None
+    if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0 or len(node.inputs) != 2:
+        return None
+    source = node.inputs[0].producer() if node.inputs[0] is not None else None
+    index = _graphs.constant_tensor(node.inputs[1])
+    if source is None or source.op_type != "Shape" or index is None:
+        return None
+    dims = tuple(index.shape.numpy())
+    if dims != () if scalar else len(dims) != 1:
+        return None  # Unsqueeze(Gather(scalar index)) or Gather(1-D indices): a 1-D piece
+    return [_NONNEG] * (1 if scalar else dims[0])
+
+
+def _wanted_equal(node: ir.Node) -> bool:
+    if len(node.inputs) != 2 or len(node.outputs) != 1 or node.outputs[0].is_graph_output():
+        return False
+    return any(_graphs.constant_ints(v) is not None for v in node.inputs)
+
+
+def _equal_value(node: ir.Node) -> np.ndarray | None:
+    """Equal(size vector, constant) when every size is compared with a negative number."""
+    a, b = node.inputs
+    if _graphs.constant_ints(a) is not None:
+        a, b = b, a
+    sizes, constant = _size_elements(a), _graphs.constant_tensor(b)
+    if sizes is None or constant is None or _NONNEG not in sizes:
+        return None
+    values = np.asarray(constant.numpy()).reshape(-1).astype(np.int64)
+    if values.size == 1:
+        values = np.repeat(values, len(sizes))
+    if values.size != len(sizes) or len(constant.shape) > 1:
+        return None
+    result = []
+    for size, c in zip(sizes, values):
+        if size == _NONNEG:
+            if c >= 0:
+                return None  # a size could equal it
+            result.append(False)
+        else:
+            result.append(size == c)
+    return np.array(result, dtype=np.bool_)
+
+
 def _shape_dims(shape_node: ir.Node) -> list[int | ir.SymbolicDim] | None:
     """The dims a Shape node outputs (after its start/end), known or not."""
     dims = _dims(shape_node.inputs[0]) if shape_node.inputs and shape_node.inputs[0] is not None else None
@@ -161,6 +235,8 @@ def _folded_value(node: ir.Node) -> np.ndarray | None:
     """The constant the node computes, when its input's (needed) dims are static."""
     if node.op_type in _PICK_OPS:
         return _picked_value(node)
+    if node.op_type == "Equal":
+        return _equal_value(node)
     source = node.inputs[0]
     assert source is not None
     dims = _dims(source)

@@ -36,7 +36,9 @@ class SimplifyReshapeShape(Pass):
             (graph, node)
             for graph in _graphs.graph_likes(model)
             for node in graph
-            if node.op_type == "Reshape" and _graphs.is_standard(node) and _concat_target(node) is not None
+            if node.op_type == "Reshape"
+            and _graphs.is_standard(node)
+            and (_concat_target(node) is not None or _flattens_to_1d(node))
         ]
         if not candidates:
             return PassResult(model, False)
@@ -45,11 +47,34 @@ class SimplifyReshapeShape(Pass):
         try:
             rewrites = [(graph, node, target) for graph, node in candidates
                         if (target := _static_target(node)) is not None]
+            no_ops = [(graph, node) for graph, node in candidates if _is_no_op(node)]
         finally:
             restore(undo)
         for graph, node, target in rewrites:
             _set_target(graph, node, target)
-        return PassResult(model, bool(rewrites))
+        for graph, node in no_ops:
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+        for graph, node in no_ops:
+            _graphs.remove_nodes(graph, [node])
+        return PassResult(model, bool(rewrites or no_ops))
+
+
+def _flattens_to_1d(reshape: ir.Node) -> bool:
+    """Reshape(x, [-1]) whose output is not a graph output."""
+    return (
+        len(reshape.inputs) == 2
+        and reshape.inputs[0] is not None
+        and _graphs.constant_ints(reshape.inputs[1]) == [-1]
+        and not reshape.outputs[0].is_graph_output()
+    )
+
+
+def _is_no_op(reshape: ir.Node) -> bool:
+    """Reshape(x, [-1]) of an x that is already 1-D (its inferred rank) does nothing."""
+    if not _flattens_to_1d(reshape):
+        return False
+    shape = reshape.inputs[0].shape
+    return shape is not None and len(shape) == 1
 
 
 def _concat_target(reshape: ir.Node) -> ir.Node | None:

@@ -133,3 +133,75 @@ def test_infer_types_types_values_and_enables_cast_removal():
     assert relu_out.dtype == ir.DataType.FLOAT and relu_out.shape is None  # dtype only
     again = run_passes(model, "infer-types")
     assert not again.modified
+
+
+def test_reshape_of_a_1d_value_to_minus_one_goes():
+    model, report = optimize(
+        f"""{HEADER}
+        g (float[N] x) => (float[N] y) {{
+          r = Relu(x)
+          m = Constant<value = int64[1] {{-1}}>()
+          f = Reshape(r, m)
+          y = Neg(f)
+        }}""",
+        "simplify-reshape-shape,eliminate-dead",
+    )
+    assert report.modified
+    assert op_types(model) == ["Relu", "Neg"]
+
+
+def test_reshape_of_a_2d_value_to_minus_one_stays():
+    model = model_from_text(
+        f"""{HEADER}
+        g (float[N,3] x) => (float[M] y) {{
+          r = Relu(x)
+          m = Constant<value = int64[1] {{-1}}>()
+          f = Reshape(r, m)
+          y = Neg(f)
+        }}"""
+    )
+    assert not run_passes(model, "simplify-reshape-shape").modified
+
+
+def test_equal_of_dynamic_sizes_and_minus_one_folds():
+    model, report = optimize(
+        f"""{HEADER}
+        g (float[B,S] x, float[B,S,4] z) => (float[B,S,4] y) {{
+          s = Shape(x)
+          i0 = Constant<value = int64 {{0}}>()
+          i1 = Constant<value = int64 {{1}}>()
+          b = Gather<axis = 0>(s, i0)
+          q = Gather<axis = 0>(s, i1)
+          ax = Constant<value = int64[1] {{0}}>()
+          bu = Unsqueeze(b, ax)
+          qu = Unsqueeze(q, ax)
+          four = Constant<value = int64[1] {{4}}>()
+          t = Concat<axis = 0>(bu, qu, four)
+          neg = Constant<value = int64[3] {{-1, -1, 4}}>()
+          e = Equal(t, neg)
+          ones = Constant<value = int64[3] {{1, 1, 1}}>()
+          w = Where(e, ones, t)
+          y = Expand(z, w)
+        }}""",
+        "fold-shapes",
+    )
+    assert report.modified
+    assert "Equal" not in op_types(model)
+    np.testing.assert_array_equal(model.graph.initializers["e"].const_value.numpy(), [False, False, True])
+
+
+def test_equal_with_a_non_negative_constant_stays():
+    model = model_from_text(
+        f"""{HEADER}
+        g (float[B,S] x) => (bool[1] e) {{
+          s = Shape(x)
+          i0 = Constant<value = int64 {{0}}>()
+          b = Gather<axis = 0>(s, i0)
+          ax = Constant<value = int64[1] {{0}}>()
+          bu = Unsqueeze(b, ax)
+          two = Constant<value = int64[1] {{2}}>()
+          e0 = Equal(bu, two)
+          e = Identity(e0)
+        }}"""
+    )
+    assert not run_passes(model, "fold-shapes").modified
