@@ -31,16 +31,19 @@ from passes.fusion._affine import (
     SCALE_OPS,
     SHIFT_OPS,
     Affine,
+    ConsumerAffine,
+    PostMatch,
+    PreMatch,
+    ProducerAffine,
+    ProducerBatchNorm,
     batchnorm_affine,
-    binary_affine,
     cast_to,
-    channel_vector,
     f64,
     float_dtype_problem,
+    float_weight,
     input_broadcast_problem,
 )
 from passes.fusion._rules import (
-    MAX_OPERAND_ELEMENTS,
     RewriteContext,
     Rule,
     RulePass,
@@ -117,15 +120,10 @@ class ConvParts:
 
 def conv_parts(node: ir.Node, ctx: RewriteContext) -> ConvParts | str:
     what = node.op_type
-    weight = input_at(node, 1)
-    tensor = ctx.tensor(weight)
-    if weight is None or tensor is None:
-        return f"{what} weight is not constant"
-    reason = float_dtype_problem(tensor, f"{what} weight") or ctx.exclusive_constant(
-        weight, node, f"{what} weight"
-    )
-    if reason:
-        return reason
+    found = float_weight(node, ctx, what, f"{what} weight is not constant")
+    if isinstance(found, str):
+        return found
+    weight, tensor = found
     w = tensor.numpy()
     group = attr_int(node, "group", 1)
     if w.ndim < 3:
@@ -168,142 +166,39 @@ def _bias_name(parts: ConvParts) -> str:
 # ---------------------------------------------------------------- rules
 
 
-@dataclasses.dataclass
-class _Post:
-    op: ir.Node
-    conv: ir.Node
-    x_index: int
-    operand: ir.Value | None
-    parts: Any = None
-    scale: np.ndarray | None = None
-    shift: np.ndarray | None = None
+class _ConvProducer:
+    """Hooks for rules whose Conv/ConvTranspose takes the affine after it."""
+
+    producers = CONV_OPS
+    parts_of = staticmethod(conv_parts)
+    apply_affine = staticmethod(apply_output_affine)
 
 
-def _pick_producer(op: ir.Node, ctx: RewriteContext, *op_types: str) -> tuple[int, ir.Node] | None:
-    """(index, producer) of the input of binary ``op`` made by one of ``op_types``;
-    an input whose other operand is constant is preferred."""
-    if len(op.inputs) != 2 or len(op.outputs) != 1:
-        return None
-    found = None
-    for index in (0, 1):
-        producer = ctx.producer(op.inputs[index], *op_types)
-        if producer is None:
-            continue
-        if ctx.tensor(op.inputs[1 - index]) is not None:
-            return index, producer
-        found = found or (index, producer)
-    return found
-
-
-class ConvOutputAffine(Rule):
+class ConvOutputAffine(_ConvProducer, ProducerAffine):
     """Conv → Add/Sub/Mul/Div(constant) becomes the Conv with new weight/bias."""
 
-    def __init__(self, name: str, ops: tuple[str, ...]) -> None:
-        self.name = name
-        self.anchors = ops
-
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Post | None:
-        picked = _pick_producer(node, ctx, *CONV_OPS)
-        if picked is None:
-            return None
-        index, conv = picked
-        return _Post(node, conv, index, node.inputs[1 - index])
-
-    def check(self, m: _Post, ctx: RewriteContext) -> str | None:
-        what = m.conv.op_type
-        reason = ctx.sole_user(m.conv.outputs[0], m.op, f"{what} output")
-        if reason:
-            return reason
-        parts = conv_parts(m.conv, ctx)
-        if isinstance(parts, str):
-            return parts
-        c = ctx.array(m.operand, limit=MAX_OPERAND_ELEMENTS)
-        if c is None:
-            return f"the other {m.op.op_type} operand is not constant"
-        affine = binary_affine(m.op, m.x_index, c)
-        if isinstance(affine, str):
-            return affine
-        reason = _set_channels(m, affine, parts.rank, 1, parts.out_channels)
-        if reason:
-            return reason
-        m.parts = parts
-        return None
-
-    def rewrite(self, m: _Post, ctx: RewriteContext) -> None:
-        apply_output_affine(m.parts, m.scale, m.shift, ctx)
-        ctx.forward(m.op.outputs[0], m.conv.outputs[0])
-        ctx.kill(m.op)
-        return None
+    def set_channels(self, m: PostMatch, parts: ConvParts, affine: Affine, c: np.ndarray) -> str | None:
+        return self.set_vectors(m, affine, parts.rank, 1, parts.out_channels)
 
 
-def _set_channels(m: Any, affine: Affine, rank: int, axis: int, channels: int) -> str | None:
-    """Store the affine's parts in ``m`` as [channels] vectors, or say why not."""
-    what = f"the {m.op.op_type} constant"
-    for part in ("scale", "shift"):
-        array = getattr(affine, part)
-        if array is None:
-            continue
-        vector = channel_vector(array, rank, axis, channels, what)
-        if isinstance(vector, str):
-            return vector
-        setattr(m, part, vector)
-    return None
-
-
-class ConvBatchNorm(Rule):
+class ConvBatchNorm(_ConvProducer, ProducerBatchNorm):
     """Conv/ConvTranspose → BatchNormalization (inference) becomes the Conv."""
 
     name = "conv-batchnorm"
-    anchors = ("BatchNormalization",)
 
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Post | None:
-        conv = ctx.producer(input_at(node, 0), *CONV_OPS)
-        return None if conv is None else _Post(node, conv, 0, None)
-
-    def check(self, m: _Post, ctx: RewriteContext) -> str | None:
-        what = m.conv.op_type
-        reason = ctx.sole_user(m.conv.outputs[0], m.op, f"{what} output")
-        if reason:
-            return reason
-        parts = conv_parts(m.conv, ctx)
-        if isinstance(parts, str):
-            return parts
-        affine = batchnorm_affine(m.op, ctx, parts.out_channels)
-        if isinstance(affine, str):
-            return affine
-        m.parts, m.scale, m.shift = parts, affine.scale, affine.shift
-        return None
-
-    def rewrite(self, m: _Post, ctx: RewriteContext) -> None:
-        apply_output_affine(m.parts, m.scale, m.shift, ctx)
-        ctx.forward(m.op.outputs[0], m.conv.outputs[0])
-        ctx.kill(m.op)
-        return None
+    def channels(self, parts: ConvParts) -> int:
+        return parts.out_channels
 
 
-class BatchNormOutputAffine(Rule):
+class BatchNormOutputAffine(ProducerAffine):
     """BatchNormalization → Add/Sub/Mul/Div(per-channel constant) becomes the
     BatchNormalization with a new scale and bias (a BatchNormalization that
     follows no Conv, e.g. pre-activation blocks, still absorbs what follows)."""
 
     needs_shapes = True
+    producers = ("BatchNormalization",)
 
-    def __init__(self, name: str, ops: tuple[str, ...]) -> None:
-        self.name = name
-        self.anchors = ops
-
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Post | None:
-        picked = _pick_producer(node, ctx, "BatchNormalization")
-        if picked is None:
-            return None
-        index, bn = picked
-        return _Post(node, bn, index, node.inputs[1 - index])
-
-    def check(self, m: _Post, ctx: RewriteContext) -> str | None:
-        bn = m.conv
-        reason = ctx.sole_user(bn.outputs[0], m.op, "BatchNormalization output")
-        if reason:
-            return reason
+    def parts_of(self, bn: ir.Node, ctx: RewriteContext) -> tuple[np.ndarray, np.ndarray, ir.DataType] | str:
         scale, bias = input_at(bn, 1), input_at(bn, 2)
         tensors = [ctx.tensor(scale), ctx.tensor(bias)]
         if scale is None or bias is None or tensors[0] is None or tensors[1] is None:
@@ -315,16 +210,13 @@ class BatchNormOutputAffine(Rule):
         )
         if reason:
             return reason
-        channels = tensors[0].size
-        affine = batchnorm_affine(bn, ctx, channels)  # inference mode, statistics unused
+        affine = batchnorm_affine(bn, ctx, tensors[0].size)  # inference mode, statistics unused
         if isinstance(affine, str):
             return affine
-        c = ctx.array(m.operand, limit=MAX_OPERAND_ELEMENTS)
-        if c is None:
-            return f"the other {m.op.op_type} operand is not constant"
-        affine = binary_affine(m.op, m.x_index, c)
-        if isinstance(affine, str):
-            return affine
+        return (tensors[0].numpy().reshape(-1), tensors[1].numpy().reshape(-1), tensors[0].dtype)
+
+    def set_channels(self, m: PostMatch, parts: Any, affine: Affine, c: np.ndarray) -> str | None:
+        bn = m.producer
         rank = len(bn.outputs[0].shape) if bn.outputs[0].shape is not None else None
         if rank is None:
             rank = len(bn.inputs[0].shape) if bn.inputs[0] is not None and bn.inputs[0].shape is not None else None
@@ -332,70 +224,29 @@ class BatchNormOutputAffine(Rule):
             if c.size != 1 or c.ndim > 1:
                 return "the rank of the BatchNormalization input is unknown"
             rank = 2
-        reason = _set_channels(m, affine, rank, 1, channels)
-        if reason:
-            return reason
-        m.parts = (tensors[0].numpy().reshape(-1), tensors[1].numpy().reshape(-1), tensors[0].dtype)
-        return None
+        return self.set_vectors(m, affine, rank, 1, parts[0].size)
 
-    def rewrite(self, m: _Post, ctx: RewriteContext) -> None:
-        bn = m.conv
+    def fold(self, m: PostMatch, ctx: RewriteContext) -> None:
         scale, bias, dtype = m.parts
         scale, bias = f64(scale), f64(bias)
         if m.scale is not None:
             scale, bias = scale * m.scale, bias * m.scale
         if m.shift is not None:
             bias = bias + m.shift
-        ctx.replace_constant(bn, 1, cast_to(scale, dtype))
-        ctx.replace_constant(bn, 2, cast_to(bias, dtype))
-        ctx.forward(m.op.outputs[0], bn.outputs[0])
-        ctx.kill(m.op)
-        return None
+        ctx.replace_constant(m.producer, 1, cast_to(scale, dtype))
+        ctx.replace_constant(m.producer, 2, cast_to(bias, dtype))
 
 
-@dataclasses.dataclass
-class _Pre:
-    conv: ir.Node
-    op: ir.Node
-    x_index: int
-    parts: Any = None
-    scale: np.ndarray | None = None
-    shift: np.ndarray | None = None
-
-
-class ConvInputAffine(Rule):
+class ConvInputAffine(ConsumerAffine):
     """Add/Sub/Mul/Div(constant) → Conv: the constant goes into the weight
     (a scale: any Conv or ConvTranspose) or the bias (a shift: an unpadded Conv)."""
 
-    needs_shapes = True
+    anchors = CONV_OPS
+    single_output = False
+    parts_of = staticmethod(conv_parts)
 
-    def __init__(self, name: str, ops: tuple[str, ...]) -> None:
-        self.name = name
-        self.ops = ops
-        self.anchors = CONV_OPS
-
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Pre | None:
-        op = ctx.producer(input_at(node, 0), *self.ops)
-        if op is None or len(op.inputs) != 2:
-            return None
-        x_index = 0 if ctx.tensor(op.inputs[1]) is not None else 1
-        return _Pre(node, op, x_index)
-
-    def check(self, m: _Pre, ctx: RewriteContext) -> str | None:
-        what = m.conv.op_type
-        reason = ctx.sole_user(m.op.outputs[0], m.conv, f"{m.op.op_type} output")
-        if reason:
-            return reason
-        c = ctx.array(m.op.inputs[1 - m.x_index], limit=MAX_OPERAND_ELEMENTS)
-        if c is None:
-            return f"the {m.op.op_type} before the {what} has no constant operand"
-        parts = conv_parts(m.conv, ctx)
-        if isinstance(parts, str):
-            return parts
-        affine = binary_affine(m.op, m.x_index, c)
-        if isinstance(affine, str):
-            return affine
-        reason = _set_channels(m, affine, parts.rank, 1, parts.in_channels) or input_broadcast_problem(
+    def set_channels(self, m: PreMatch, parts: ConvParts, affine: Affine, c: np.ndarray) -> str | None:
+        reason = self.set_vectors(m, affine, parts.rank, 1, parts.in_channels) or input_broadcast_problem(
             m.op.inputs[m.x_index], c, parts.rank, 1 - parts.rank, parts.in_channels, m.op.op_type
         )
         if reason:
@@ -403,22 +254,18 @@ class ConvInputAffine(Rule):
         if m.shift is not None:
             if parts.transpose:
                 return "a constant added before a ConvTranspose does not fold into its bias"
-            if _pads_input(m.conv):
+            if _pads_input(m.node):
                 return "Conv pads its input: an added constant does not commute with zero padding"
-        m.parts = parts
         return None
 
-    def rewrite(self, m: _Pre, ctx: RewriteContext) -> ir.Node:
+    def fold_input(self, m: PreMatch, ctx: RewriteContext) -> None:
         parts: ConvParts = m.parts
         dtype = ctx.tensor(parts.weight).dtype  # type: ignore[union-attr]
         if m.shift is not None:
             b = f64(parts.b) if parts.b is not None else np.zeros(parts.out_channels)
-            ctx.replace_constant(m.conv, 2, cast_to(b + parts.shift_in(m.shift), dtype), hint=_bias_name(parts))
+            ctx.replace_constant(m.node, 2, cast_to(b + parts.shift_in(m.shift), dtype), hint=_bias_name(parts))
         if m.scale is not None:
-            ctx.replace_constant(m.conv, 1, cast_to(parts.scale_in(f64(parts.w), m.scale), dtype))
-        ctx.set_input(m.conv, 0, m.op.inputs[m.x_index])
-        ctx.kill(m.op)
-        return m.conv
+            ctx.replace_constant(m.node, 1, cast_to(parts.scale_in(f64(parts.w), m.scale), dtype))
 
 
 def _pads_input(conv: ir.Node) -> bool:

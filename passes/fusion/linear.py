@@ -24,16 +24,19 @@ from passes.fusion._affine import (
     FLOAT_DTYPES,
     SCALE_OPS,
     Affine,
-    batchnorm_affine,
-    binary_affine,
+    ConsumerAffine,
+    PostMatch,
+    PreMatch,
+    ProducerAffine,
+    ProducerBatchNorm,
     cast_to,
     channel_vector,
     f64,
-    float_dtype_problem,
+    float_weight,
     input_broadcast_problem,
+    pick_producer,
 )
 from passes.fusion._rules import (
-    MAX_OPERAND_ELEMENTS,
     RewriteContext,
     Rule,
     RulePass,
@@ -94,15 +97,10 @@ class GemmParts:
 def gemm_parts(node: ir.Node, ctx: RewriteContext) -> GemmParts | str:
     if ctx.opset < FIRST_GEMM_OPSET:
         return f"Gemm at opset {ctx.opset} broadcasts by attribute; not rewritten"
-    weight = input_at(node, 1)
-    tensor = ctx.tensor(weight)
-    if weight is None or tensor is None:
-        return "Gemm weight B is not constant"
-    reason = float_dtype_problem(tensor, "Gemm weight") or ctx.exclusive_constant(
-        weight, node, "Gemm weight"
-    )
-    if reason:
-        return reason
+    found = float_weight(node, ctx, "Gemm", "Gemm weight B is not constant")
+    if isinstance(found, str):
+        return found
+    weight, tensor = found
     w = tensor.numpy()
     if w.ndim != 2:
         return f"Gemm weight has rank {w.ndim}"
@@ -181,55 +179,18 @@ def _shift_problem(shift: np.ndarray, rows: int | None, columns: int, what: str)
 # ---------------------------------------------------------------- Gemm rules
 
 
-@dataclasses.dataclass
-class _Post:
-    op: ir.Node
-    producer: ir.Node
-    x_index: int
-    operand: ir.Value | None
-    parts: Any = None
-    scale: np.ndarray | None = None
-    shift: np.ndarray | None = None
+class _GemmProducer:
+    """Hooks for rules whose Gemm takes the affine after it."""
+
+    producers = ("Gemm",)
+    parts_of = staticmethod(gemm_parts)
+    apply_affine = staticmethod(apply_gemm_affine)
 
 
-def _pick(op: ir.Node, ctx: RewriteContext, op_type: str) -> _Post | None:
-    if len(op.inputs) != 2 or len(op.outputs) != 1:
-        return None
-    found = None
-    for index in (0, 1):
-        producer = ctx.producer(op.inputs[index], op_type)
-        if producer is None:
-            continue
-        candidate = _Post(op, producer, index, op.inputs[1 - index])
-        if ctx.tensor(op.inputs[1 - index]) is not None:
-            return candidate
-        found = found or candidate
-    return found
-
-
-class GemmOutputAffine(Rule):
+class GemmOutputAffine(_GemmProducer, ProducerAffine):
     """Gemm → Add/Sub/Mul/Div(constant) becomes the Gemm with new B/C."""
 
-    def __init__(self, name: str, ops: tuple[str, ...]) -> None:
-        self.name = name
-        self.anchors = ops
-
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Post | None:
-        return _pick(node, ctx, "Gemm")
-
-    def check(self, m: _Post, ctx: RewriteContext) -> str | None:
-        reason = ctx.sole_user(m.producer.outputs[0], m.op, "Gemm output")
-        if reason:
-            return reason
-        parts = gemm_parts(m.producer, ctx)
-        if isinstance(parts, str):
-            return parts
-        c = ctx.array(m.operand, limit=MAX_OPERAND_ELEMENTS)
-        if c is None:
-            return f"the other {m.op.op_type} operand is not constant"
-        affine = binary_affine(m.op, m.x_index, c)
-        if isinstance(affine, str):
-            return affine
+    def set_channels(self, m: PostMatch, parts: GemmParts, affine: Affine, c: np.ndarray) -> str | None:
         what = f"the {m.op.op_type} constant"
         if affine.scale is not None:
             scale = channel_vector(affine.scale, 2, 1, parts.out_features, what)
@@ -241,109 +202,32 @@ class GemmOutputAffine(Rule):
             if reason:
                 return reason
             m.shift = affine.shift
-        m.parts = parts
-        return None
-
-    def rewrite(self, m: _Post, ctx: RewriteContext) -> None:
-        apply_gemm_affine(m.parts, m.scale, m.shift, ctx)
-        ctx.forward(m.op.outputs[0], m.producer.outputs[0])
-        ctx.kill(m.op)
         return None
 
 
-class GemmBatchNorm(Rule):
+class GemmBatchNorm(_GemmProducer, ProducerBatchNorm):
     """Gemm → BatchNormalization (inference, over the columns) becomes the Gemm."""
 
     name = "gemm-batchnorm"
-    anchors = ("BatchNormalization",)
 
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Post | None:
-        gemm = ctx.producer(input_at(node, 0), "Gemm")
-        return None if gemm is None else _Post(node, gemm, 0, None)
-
-    def check(self, m: _Post, ctx: RewriteContext) -> str | None:
-        reason = ctx.sole_user(m.producer.outputs[0], m.op, "Gemm output")
-        if reason:
-            return reason
-        parts = gemm_parts(m.producer, ctx)
-        if isinstance(parts, str):
-            return parts
-        affine = batchnorm_affine(m.op, ctx, parts.out_features)
-        if isinstance(affine, str):
-            return affine
-        m.parts, m.scale, m.shift = parts, affine.scale, affine.shift
-        return None
-
-    def rewrite(self, m: _Post, ctx: RewriteContext) -> None:
-        apply_gemm_affine(m.parts, m.scale, m.shift, ctx)
-        ctx.forward(m.op.outputs[0], m.producer.outputs[0])
-        ctx.kill(m.op)
-        return None
+    def channels(self, parts: GemmParts) -> int:
+        return parts.out_features
 
 
-@dataclasses.dataclass
-class _Pre:
-    node: ir.Node
-    op: ir.Node
-    x_index: int
-    parts: Any = None
-    scale: np.ndarray | None = None
-    shift: np.ndarray | None = None
-
-
-def _pick_pre(node: ir.Node, ctx: RewriteContext, ops: tuple[str, ...]) -> _Pre | None:
-    op = ctx.producer(input_at(node, 0), *ops)
-    if op is None or len(op.inputs) != 2 or len(op.outputs) != 1:
-        return None
-    return _Pre(node, op, 0 if ctx.tensor(op.inputs[1]) is not None else 1)
-
-
-class GemmInputAffine(Rule):
+class GemmInputAffine(ConsumerAffine):
     """Add/Sub/Mul/Div(constant per input feature) → Gemm: a scale goes into the
     rows of B, a shift into C (``alpha * shift @ B``)."""
 
-    needs_shapes = True
+    anchors = ("Gemm",)
+    parts_of = staticmethod(gemm_parts)
 
-    def __init__(self, name: str, ops: tuple[str, ...]) -> None:
-        self.name = name
-        self.ops = ops
-        self.anchors = ("Gemm",)
-
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Pre | None:
-        return _pick_pre(node, ctx, self.ops)
-
-    def check(self, m: _Pre, ctx: RewriteContext) -> str | None:
-        reason = ctx.sole_user(m.op.outputs[0], m.node, f"{m.op.op_type} output")
-        if reason:
-            return reason
-        c = ctx.array(m.op.inputs[1 - m.x_index], limit=MAX_OPERAND_ELEMENTS)
-        if c is None:
-            return f"the {m.op.op_type} before the Gemm has no constant operand"
-        parts = gemm_parts(m.node, ctx)
-        if isinstance(parts, str):
-            return parts
-        affine = binary_affine(m.op, m.x_index, c)
-        if isinstance(affine, str):
-            return affine
+    def set_channels(self, m: PreMatch, parts: GemmParts, affine: Affine, c: np.ndarray) -> str | None:
         axis = 0 if parts.trans_a else 1
-        what = f"the {m.op.op_type} constant"
-        for part in ("scale", "shift"):
-            array = getattr(affine, part)
-            if array is None:
-                continue
-            vector = channel_vector(array, 2, axis, parts.in_features, what)
-            if isinstance(vector, str):
-                return vector
-            setattr(m, part, vector)
-        reason = input_broadcast_problem(
+        return self.set_vectors(m, affine, 2, axis, parts.in_features) or input_broadcast_problem(
             m.op.inputs[m.x_index], c, 2, axis - 2, parts.in_features, m.op.op_type
         )
-        if reason:
-            return reason
-        m.parts = parts
-        return None
 
-    def rewrite(self, m: _Pre, ctx: RewriteContext) -> ir.Node:
+    def fold_input(self, m: PreMatch, ctx: RewriteContext) -> None:
         parts: GemmParts = m.parts
         w = f64(parts.w)
         shift = None
@@ -352,51 +236,31 @@ class GemmInputAffine(Rule):
         if m.scale is not None:
             w = parts.scale_in(w, m.scale)
         apply_gemm_affine(parts, None, shift, ctx, weight=w if m.scale is not None else None)
-        ctx.set_input(m.node, 0, m.op.inputs[m.x_index])
-        ctx.kill(m.op)
-        return m.node
 
 
 # ---------------------------------------------------------------- MatMul rules
 
 
 def _matmul_weight(node: ir.Node, ctx: RewriteContext) -> tuple[ir.Value, np.ndarray, ir.DataType] | str:
-    weight = input_at(node, 1)
-    tensor = ctx.tensor(weight)
-    if weight is None or tensor is None:
-        return "MatMul weight (input B) is not constant"
-    reason = float_dtype_problem(tensor, "MatMul weight") or ctx.exclusive_constant(
-        weight, node, "MatMul weight"
-    )
-    if reason:
-        return reason
+    found = float_weight(node, ctx, "MatMul", "MatMul weight (input B) is not constant")
+    if isinstance(found, str):
+        return found
+    weight, tensor = found
     if len(tensor.shape) != 2:
         return f"MatMul weight has rank {len(tensor.shape)}, not 2"
     return weight, tensor.numpy(), tensor.dtype
 
 
-class MatMulOutputScale(Rule):
+class MatMulOutputScale(ProducerAffine):
     """MatMul(A, constant 2-D B) → Mul/Div by a per-column constant: B's columns scaled."""
 
     name = "matmul-mul"
     anchors = SCALE_OPS
+    producers = ("MatMul",)
 
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Post | None:
-        return _pick(node, ctx, "MatMul")
+    parts_of = staticmethod(_matmul_weight)
 
-    def check(self, m: _Post, ctx: RewriteContext) -> str | None:
-        reason = ctx.sole_user(m.producer.outputs[0], m.op, "MatMul output")
-        if reason:
-            return reason
-        found = _matmul_weight(m.producer, ctx)
-        if isinstance(found, str):
-            return found
-        c = ctx.array(m.operand, limit=MAX_OPERAND_ELEMENTS)
-        if c is None:
-            return f"the other {m.op.op_type} operand is not constant"
-        affine = binary_affine(m.op, m.x_index, c)
-        if isinstance(affine, str):
-            return affine
+    def set_channels(self, m: PostMatch, parts: Any, affine: Affine, c: np.ndarray) -> str | None:
         assert affine.scale is not None
         a_rank = rank_of(m.producer.inputs[0])
         if c.ndim <= 1:
@@ -405,47 +269,31 @@ class MatMulOutputScale(Rule):
             return "the rank of the MatMul output is unknown"
         else:
             rank = max(a_rank, 1) if a_rank >= 2 else 1
-        weight, w, _ = found
+        _, w, _ = parts
         vector = channel_vector(affine.scale, rank, rank - 1, w.shape[1], f"the {m.op.op_type} constant")
         if isinstance(vector, str):
             return vector
-        m.scale, m.parts = vector, found
+        m.scale = vector
         return None
 
-    def rewrite(self, m: _Post, ctx: RewriteContext) -> None:
+    def fold(self, m: PostMatch, ctx: RewriteContext) -> None:
         _, w, dtype = m.parts
         ctx.replace_constant(m.producer, 1, cast_to(f64(w) * m.scale[None, :], dtype))
-        ctx.forward(m.op.outputs[0], m.producer.outputs[0])
-        ctx.kill(m.op)
-        return None
 
 
-class MatMulInputScale(Rule):
+class MatMulInputScale(ConsumerAffine):
     """Mul/Div(per-feature constant) → MatMul(·, constant 2-D B): B's rows scaled."""
 
     name = "mul-matmul"
     anchors = ("MatMul",)
-    needs_shapes = True
+    ops = SCALE_OPS
 
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Pre | None:
-        return _pick_pre(node, ctx, SCALE_OPS)
+    parts_of = staticmethod(_matmul_weight)
 
-    def check(self, m: _Pre, ctx: RewriteContext) -> str | None:
-        reason = ctx.sole_user(m.op.outputs[0], m.node, f"{m.op.op_type} output")
-        if reason:
-            return reason
-        c = ctx.array(m.op.inputs[1 - m.x_index], limit=MAX_OPERAND_ELEMENTS)
-        if c is None:
-            return f"the {m.op.op_type} before the MatMul has no constant operand"
-        found = _matmul_weight(m.node, ctx)
-        if isinstance(found, str):
-            return found
-        affine = binary_affine(m.op, m.x_index, c)
-        if isinstance(affine, str):
-            return affine
+    def set_channels(self, m: PreMatch, parts: Any, affine: Affine, c: np.ndarray) -> str | None:
         assert affine.scale is not None
         x = m.op.inputs[m.x_index]
-        k = found[1].shape[0]
+        k = parts[1].shape[0]
         rank = max(c.ndim, 1) if rank_of(x) is None else max(rank_of(x) or 1, 1)
         vector = channel_vector(affine.scale, rank, rank - 1, k, f"the {m.op.op_type} constant")
         if isinstance(vector, str):
@@ -453,15 +301,12 @@ class MatMulInputScale(Rule):
         reason = input_broadcast_problem(x, c, None, -1, k, m.op.op_type)
         if reason:
             return reason
-        m.scale, m.parts = vector, found
+        m.scale = vector
         return None
 
-    def rewrite(self, m: _Pre, ctx: RewriteContext) -> ir.Node:
+    def fold_input(self, m: PreMatch, ctx: RewriteContext) -> None:
         _, w, dtype = m.parts
         ctx.replace_constant(m.node, 1, cast_to(f64(w) * m.scale[:, None], dtype))
-        ctx.set_input(m.node, 0, m.op.inputs[m.x_index])
-        ctx.kill(m.op)
-        return m.node
 
 
 def _gemm_dtype_problem(dtype: ir.DataType | None, opset: int) -> str | None:
@@ -485,36 +330,26 @@ def _two_d(value: ir.Value | None, what: str) -> str | None:
     return None
 
 
-class MatMulBatchNorm(Rule):
+class MatMulBatchNorm(ProducerBatchNorm):
     """MatMul(2-D A, constant B) → BatchNormalization becomes Gemm(A, B', C)."""
 
     name = "matmul-batchnorm"
-    anchors = ("BatchNormalization",)
     needs_shapes = True
+    producers = ("MatMul",)
 
-    def match(self, node: ir.Node, ctx: RewriteContext) -> _Post | None:
-        matmul = ctx.producer(input_at(node, 0), "MatMul")
-        return None if matmul is None else _Post(node, matmul, 0, None)
-
-    def check(self, m: _Post, ctx: RewriteContext) -> str | None:
-        reason = ctx.sole_user(m.producer.outputs[0], m.op, "MatMul output") or _two_d(
-            m.producer.inputs[0], "A"
-        )
+    def parts_of(self, node: ir.Node, ctx: RewriteContext) -> tuple[ir.Value, np.ndarray, ir.DataType] | str:
+        reason = _two_d(node.inputs[0], "A")
         if reason:
             return reason
-        found = _matmul_weight(m.producer, ctx)
+        found = _matmul_weight(node, ctx)
         if isinstance(found, str):
             return found
-        reason = _gemm_dtype_problem(found[2], ctx.opset)
-        if reason:
-            return reason
-        affine = batchnorm_affine(m.op, ctx, found[1].shape[1])
-        if isinstance(affine, str):
-            return affine
-        m.parts, m.scale, m.shift = found, affine.scale, affine.shift
-        return None
+        return _gemm_dtype_problem(found[2], ctx.opset) or found
 
-    def rewrite(self, m: _Post, ctx: RewriteContext) -> None:
+    def channels(self, parts: tuple[ir.Value, np.ndarray, ir.DataType]) -> int:
+        return parts[1].shape[1]
+
+    def rewrite(self, m: PostMatch, ctx: RewriteContext) -> None:
         weight, w, dtype = m.parts
         new_w = ctx.constant(cast_to(f64(w) * m.scale[None, :], dtype), weight.name or "weight", before=m.op)
         bias = ctx.constant(cast_to(m.shift, dtype), f"{weight.name or 'weight'}_bias", before=m.op)
@@ -539,7 +374,7 @@ class MatMulAdd(Rule):
     needs_shapes = True
 
     def match(self, node: ir.Node, ctx: RewriteContext) -> _MatMulAdd | None:
-        picked = _pick(node, ctx, "MatMul")
+        picked = pick_producer(node, ctx, "MatMul")
         if picked is None:
             return None
         return _MatMulAdd(node, picked.producer, node.inputs[1 - picked.x_index])
