@@ -38,7 +38,7 @@ from passes.fusion.transformer_common import (
     attrs,
     binary,
     dtype,
-    inside_only,
+    interior_problem,
     is_scalar,
     opset_of,
     producer,
@@ -152,6 +152,13 @@ def match_gelu(node: ir.Node) -> GeluMatch | None:
     return None
 
 
+def _activation_problem(m: GeluMatch | SiluMatch) -> str | None:
+    """What every activation rule checks first: a float input, a self-contained region."""
+    if dtype(m.x) is not None and dtype(m.x) not in FLOAT_TYPES:
+        return f"input dtype {dtype(m.x)} is not float, float16 or bfloat16"
+    return interior_problem(m.nodes, m.anchor)
+
+
 class GeluRule(Rule):
     name: ClassVar[str] = "gelu"
     anchors: ClassVar[tuple[str, ...]] = ("Mul",)
@@ -163,10 +170,7 @@ class GeluRule(Rule):
         return match_gelu(node)
 
     def check(self, m: GeluMatch, ctx: RewriteContext) -> str | None:
-        if dtype(m.x) is not None and dtype(m.x) not in FLOAT_TYPES:
-            return f"input dtype {dtype(m.x)} is not float, float16 or bfloat16"
-        internal = [v for n in m.nodes if n is not m.anchor for v in n.outputs]
-        why = inside_only(internal, m.nodes)
+        why = _activation_problem(m)
         if why:
             return why
         version = opset_of(ctx)
@@ -257,10 +261,7 @@ class SiluRule(Rule):
         return match_silu(node)
 
     def check(self, m: SiluMatch, ctx: RewriteContext) -> str | None:
-        if dtype(m.x) is not None and dtype(m.x) not in FLOAT_TYPES:
-            return f"input dtype {dtype(m.x)} is not float, float16 or bfloat16"
-        internal = [v for n in m.nodes if n is not m.anchor for v in n.outputs]
-        why = inside_only(internal, m.nodes)
+        why = _activation_problem(m)
         if why:
             return why
         if not self.contrib:

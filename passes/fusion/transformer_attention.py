@@ -51,7 +51,7 @@ from passes.fusion.transformer_common import (
     attr_int,
     attrs,
     binary,
-    inside_only,
+    interior_problem,
     known_dims,
     known_dtype,
     opset_of,
@@ -239,8 +239,7 @@ class AttentionRule(Rule):
         axis = attr_int(m.softmax, "axis", -1)
         if axis not in (-1, 3):
             return f"Softmax axis {axis} is not the last axis"
-        internal = [v for n in m.nodes if n is not m.pv for v in n.outputs]
-        why = inside_only(internal, m.nodes)
+        why = interior_problem(m.nodes, m.pv)
         if why:
             return why
         for what, value in (("query", m.q), ("value", m.v), ("key", m.kt.inputs[0])):

@@ -105,6 +105,13 @@ def inside_only(values: Iterable[ir.Value], nodes: Iterable[ir.Node]) -> str | N
     return None
 
 
+def interior_problem(nodes: Sequence[ir.Node], keep: ir.Node) -> str | None:
+    """A reason when a value computed inside a matched region (every output of
+    ``nodes`` but those of ``keep``, whose outputs the fused op takes over) is
+    used outside it: fusing would then drop a value someone still needs."""
+    return inside_only([v for n in nodes if n is not keep for v in n.outputs], nodes)
+
+
 def sole_user(value: ir.Value) -> ir.Node | None:
     """The only node using ``value`` (once), when it is no graph output."""
     if value.is_graph_output():

@@ -55,6 +55,7 @@ from passes.fusion.transformer_common import (
     attrs,
     binary,
     inside_only,
+    interior_problem,
     is_scalar,
     known_dims,
     known_dtype,
@@ -226,8 +227,7 @@ def check_norm(m: NormMatch, ctx: RewriteContext, contrib: bool) -> str | None:
     if epsilon is None:
         return "epsilon is not a constant scalar"
     m.epsilon = epsilon
-    internal = [v for n in m.nodes if n is not (m.last or m.anchor) for v in n.outputs]
-    why = inside_only(internal, m.nodes)
+    why = interior_problem(m.nodes, m.last or m.anchor)
     if why:
         return why
     out_t = t
