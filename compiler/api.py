@@ -20,11 +20,27 @@ class Artifact:
     """A compiled artifact folder: its manifest, and a way to run it on this host."""
 
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any] | None = None,
-                 report: PipelineReport | None = None) -> None:
+                 report: PipelineReport | None = None, quantization: Any = None) -> None:
         self.path = Path(path)
         self.manifest = manifest if manifest is not None else artifact_io.read_manifest(self.path)
         #: per-pass timings of the compile that made it (None when loaded from disk)
         self.report = report
+        self._quantization = quantization
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """The quantization report (``quantization.json``), or None for an unquantized artifact."""
+        info = self.manifest.get("quantization")
+        if info is None:
+            return None
+        import json
+
+        return json.loads((self.path / info["report"]).read_text())
+
+    @property
+    def quantization_latency_ms(self) -> dict[str, float] | None:
+        """float32 vs quantized onnxruntime latency measured at compile time (when it ran on this host)."""
+        return None if self._quantization is None else self._quantization.latency_ms
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, emit={self.manifest['emit']!r}, target={self.manifest['target']['name']!r})"
@@ -71,20 +87,31 @@ def compile(
     verify: bool = True,
     dump_ir: str | os.PathLike | None = None,
     quiet: bool = True,
+    quantize: str | None = None,
+    calibration: Any = None,
+    calibration_preprocess: str | None = None,
+    accuracy_budget: str | None = None,
+    keep_float: tuple[str, ...] | list[str] = (),
     **emit_options: Any,
 ) -> Artifact:
     """Compile ``model`` (a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``) into ``output``.
 
     ``passes`` (a pipeline string) replaces the ``opt_level`` pipeline when given.
+    ``quantize`` names a scheme (``w8``, ``w4{block-size=64}``, ``int8``, ``int8-dynamic``,
+    ``fp16``, ``bf16``, ``gptq-w4``, ``awq-w4``); ``calibration`` is a path (.npz, a folder of
+    .npz/.npy, a folder of images), a ``CalibrationSet`` or a list of input dicts;
+    ``accuracy_budget`` is e.g. ``"cosine>=0.99"``; ``keep_float`` names nodes never quantized.
     Raises a ``compiler.errors.KilnError`` subclass on bad input; nothing is left
     at ``output`` when it fails.
     """
     options = CompileOptions(
         target=target, device=device, emit=emit, opt_level=opt_level, passes=passes,
         verify=verify, dump_ir=dump_ir, quiet=quiet, emit_options=dict(emit_options),
+        quantize=quantize, calibration=calibration, calibration_preprocess=calibration_preprocess,
+        accuracy_budget=accuracy_budget, keep_float=tuple(keep_float),
     )
     result = compile_model(model, output, options)
-    return Artifact(result.path, result.manifest, result.report)
+    return Artifact(result.path, result.manifest, result.report, result.quantization)
 
 
 def load_artifact(path: str | os.PathLike) -> Artifact:

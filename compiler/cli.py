@@ -79,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", dest="verify", action="store_false", help="skip running the artifact against the model")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     c.add_argument("-v", "--verbose", action="store_true", help="print per-pass timings")
+    q = c.add_argument_group("quantization")
+    q.add_argument("--quantize", metavar="SCHEME",
+                   help="w8, w4, int8, int8-dynamic, fp16, bf16, gptq-w4, awq-w4; options as w4{block-size=64}")
+    q.add_argument("--calibration", metavar="PATH",
+                   help=".npz of inputs (samples along axis 0), a folder of .npz/.npy files, or a folder of images")
+    q.add_argument("--calibration-preprocess", metavar="SPEC",
+                   help="image preparation: imagenet|unit|symmetric|raw[,resize=N,crop=N,scale=X,mean=A:B:C,std=A:B:C]")
+    q.add_argument("--accuracy-budget", metavar="EXPR",
+                   help="e.g. cosine>=0.99, top1-agreement>=0.98, sqnr>=30: keep sensitive layers in float until it holds")
+    q.add_argument("--keep-float", metavar="NODES", default="", help="comma-separated node names never quantized")
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("run", parents=[common], help="run an artifact (or an .onnx model) on this host")
@@ -116,9 +126,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     options = CompileOptions(
         target=args.target, device=args.device, emit=args.emit, opt_level=args.opt_level,
         passes=args.passes, verify=args.verify, dump_ir=args.dump_ir, seed=args.seed, quiet=args.quiet,
+        quantize=args.quantize, calibration=args.calibration, calibration_preprocess=args.calibration_preprocess,
+        accuracy_budget=args.accuracy_budget, keep_float=tuple(n for n in args.keep_float.split(",") if n),
     )
     log = (lambda msg: print(f"kiln: {msg}", file=sys.stderr)) if args.verbose and not args.quiet else None
     result = compile_model(args.model, args.output, options, log=log)
+    if result.quantization is not None:
+        for line in result.quantization.warnings:
+            print(f"kiln: warning: {line}", file=sys.stderr)
+        if not args.quiet and not args.verbose:
+            for line in result.quantization.summary():
+                print(f"kiln: {line}", file=sys.stderr)
     if args.verbose and not args.quiet:
         print(f"{'pass':<40} {'ms':>9}  modified", file=sys.stderr)
         for rec in result.report.records:

@@ -79,3 +79,37 @@ def max_abs_error(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.nd
             if d.size:
                 worst = max(worst, float(d.max()))
     return worst
+
+
+def relative_l2_error(expected: np.ndarray, actual: np.ndarray) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (0 when both are zero, inf on shape mismatch)."""
+    e = np.asarray(expected, np.float64)
+    a = np.asarray(actual, np.float64)
+    if e.shape != a.shape:
+        return float("inf")
+    norm = float(np.linalg.norm(e))
+    diff = float(np.linalg.norm(a - e))
+    return diff / norm if norm else (0.0 if diff == 0 else float("inf"))
+
+
+def compare_outputs_relative(
+    expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray], limit: float
+) -> list[str]:
+    """Problems where an output's relative L2 error exceeds ``limit`` (non-float outputs must be equal)."""
+    problems = []
+    for name, e in expected.items():
+        if name not in actual:
+            problems.append(f"output {name!r} is missing")
+            continue
+        e_arr, a_arr = np.asarray(e), np.asarray(actual[name])
+        if e_arr.dtype.kind not in "fc":
+            if e_arr.shape != a_arr.shape or not np.array_equal(e_arr, a_arr):
+                problems.append(f"output {name!r} differs")
+            continue
+        if not np.all(np.isfinite(a_arr) == np.isfinite(e_arr)):
+            problems.append(f"output {name!r}: non-finite values differ")
+            continue
+        err = relative_l2_error(np.nan_to_num(e_arr), np.nan_to_num(a_arr))
+        if err > limit:
+            problems.append(f"output {name!r}: relative L2 error {err:.3g} > {limit:g}")
+    return problems

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 import compiler
 from compiler import artifact as artifact_io
-from compiler.compare import compare_outputs, max_abs_error
+from compiler.compare import compare_outputs, compare_outputs_relative, max_abs_error
 from compiler.errors import KilnError, TargetError, UnsupportedError, VerificationError
 from compiler.importers.onnx_file import import_onnx
 from compiler.passes import PassManager, PassRecord, PipelineReport, opt_level_pipeline, parse_pipeline
@@ -26,6 +26,11 @@ NONDETERMINISTIC_OPS = frozenset(
 )
 VERIFY_RTOL = 1e-3
 VERIFY_ATOL = 1e-5
+#: A quantized artifact is checked against its quantized IR run without onnxruntime's graph
+#: optimizations (the exact meaning of the QDQ graph). onnxruntime's integer kernels (QLinearConv,
+#: MatMulNBits at accuracy level 4) round differently from that float emulation by up to a step
+#: here and there, so the check is a relative L2 error, not elementwise.
+VERIFY_QUANTIZED_RELATIVE_L2 = 0.02
 
 
 @dataclasses.dataclass
@@ -40,6 +45,14 @@ class CompileOptions:
     seed: int = 0
     quiet: bool = True
     emit_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: quantization scheme spec (``int8``, ``w4{block-size=64}``, ...) or None
+    quantize: str | None = None
+    #: calibration data: a path, a passes.quantize.calibration.CalibrationSet, or a list of input feeds
+    calibration: Any = None
+    calibration_preprocess: str | None = None
+    accuracy_budget: str | None = None
+    #: node names never quantized
+    keep_float: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -47,6 +60,7 @@ class CompileResult:
     path: Path
     manifest: dict[str, Any]
     report: PipelineReport
+    quantization: Any = None  # passes.quantize.stage.QuantReport when --quantize
 
 
 def compile_model(
@@ -67,6 +81,7 @@ def compile_model(
         )
     backend = get_backend(options.emit)
     steps = parse_pipeline(_pipeline_for(options, spec))
+    quant = _QuantRequest.parse(options)
     out = Path(output)
 
     with artifact_io.staging(out) as tmp:
@@ -88,6 +103,18 @@ def compile_model(
         ]:
             raise VerificationError("the pipeline changed the model's input/output signature")
 
+        quant_report = float_snapshot = None
+        against = "the source model"
+        if quant is not None:
+            quant_report, quantized_reference, float_snapshot = quant.run(model, spec, options, say)
+            if reference is not None:  # the artifact must compute what the quantized IR computes
+                reference, against = quantized_reference, "the quantized model before encoding"
+                why_not = "the quantized model is over 2 GB; compile from a file to verify"
+
+            if signature(model)["inputs"] != sig_before["inputs"]:
+                raise VerificationError(f"--quantize {quant.scheme.spec()} changed the model's inputs")
+            sig_after = signature(model)
+
         problems = backend.legalize(model, spec)
         if problems:
             raise UnsupportedError(
@@ -107,14 +134,18 @@ def compile_model(
             "files": artifact_io.describe_files(tmp, result.files),
             **({"backend": result.extra} if result.extra else {}),
         }
+        if quant_report is not None:
+            manifest["quantization"] = quant.write_report(tmp, quant_report, manifest)
         manifest["verification"] = (
-            _verify(backend, tmp, manifest, reference, sig_before, options.seed)
+            _verify(backend, tmp, manifest, reference, sig_before, options.seed, against, quantized=quant is not None)
             if reference is not None
             else {"skipped": why_not}
         )
+        if quant_report is not None and float_snapshot is not None:
+            quant.check_latency(quant_report, float_snapshot, tmp / result.entry, spec, say)
         artifact_io.write_manifest(tmp, manifest)
     say(f"wrote {out}")
-    return CompileResult(Path(os.path.abspath(out)), manifest, report)
+    return CompileResult(Path(os.path.abspath(out)), manifest, report, quant_report)
 
 
 def _pipeline_for(options: CompileOptions, spec: Any) -> str:
@@ -123,7 +154,12 @@ def _pipeline_for(options: CompileOptions, spec: Any) -> str:
     if options.passes is not None:
         return options.passes
     contrib = options.emit == "onnx" and spec.onnx_runtime_contrib
-    return opt_level_pipeline(options.opt_level, contrib=contrib, gpu=spec.device != "cpu")
+    level = options.opt_level
+    if options.quantize and level > 2:
+        # contrib fusions (FusedConv, Attention, SkipLayerNorm) hide the MatMul/Conv
+        # weights and activations that quantization rewrites: quantized compiles stop at -O2.
+        level = 2
+    return opt_level_pipeline(level, contrib=contrib, gpu=spec.device != "cpu")
 
 
 def _label(source: Any) -> str:
@@ -148,7 +184,8 @@ def _reference_for(source: Any, model: ir.Model) -> tuple[Any, str]:
     return proto.SerializeToString(), ""
 
 
-def _verify(backend: Any, folder: Path, manifest: dict, reference: Any, sig: dict, seed: int) -> dict[str, Any]:
+def _verify(backend: Any, folder: Path, manifest: dict, reference: Any, sig: dict, seed: int,
+            against: str = "the source model", quantized: bool = False) -> dict[str, Any]:
     """Run the artifact and the source model on the same seeded inputs and compare."""
     import onnxruntime as ort
 
@@ -159,25 +196,113 @@ def _verify(backend: Any, folder: Path, manifest: dict, reference: Any, sig: dic
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
+        if quantized:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(reference, opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         expected = dict(zip(names, session.run(names, inputs)))
     except Exception as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        return {"skipped": f"onnxruntime cannot run the source model on random inputs: {first}"}
+        return {"skipped": f"onnxruntime cannot run {against} on random inputs: {first}"}
     runner = backend.load(folder, manifest)
     actual = runner.run(inputs)
-    problems = compare_outputs(expected, actual, VERIFY_RTOL, VERIFY_ATOL)
+    if quantized:
+        problems = compare_outputs_relative(expected, actual, VERIFY_QUANTIZED_RELATIVE_L2)
+    else:
+        problems = compare_outputs(expected, actual, VERIFY_RTOL, VERIFY_ATOL)
     if problems:
         raise VerificationError(
             f"the compiled artifact does not compute what the model computes: {problems[0]}",
             hint="rerun with --dump-ir DIR to see which pass changed the result, or --passes to bisect",
         )
+    tolerance = ({"relative_l2": VERIFY_QUANTIZED_RELATIVE_L2} if quantized
+                 else {"rtol": VERIFY_RTOL, "atol": VERIFY_ATOL})
     return {
-        "method": "onnxruntime on the source model vs the artifact",
+        "method": f"onnxruntime on {against} vs the artifact",
         "inputs": f"seeded random (seed {seed})",
         "max_abs_error": max_abs_error(expected, actual),
-        "rtol": VERIFY_RTOL,
-        "atol": VERIFY_ATOL,
+        **tolerance,
         "passed": True,
     }
+
+
+#: passes run after quantizing: drop what the scheme left unused (never fold: that would re-expand weights)
+POST_QUANTIZE_PIPELINE = "eliminate-dead"
+#: a quantized artifact this much slower than float in onnxruntime here gets a warning
+SLOWER_TOLERANCE = 1.05
+
+
+@dataclasses.dataclass
+class _QuantRequest:
+    """The --quantize part of a compile: parsed early (bad options fail before any work), run after the passes."""
+
+    scheme: Any
+    budget: Any
+
+    @classmethod
+    def parse(cls, options: CompileOptions) -> _QuantRequest | None:
+        if not options.quantize:
+            if options.calibration is not None or options.accuracy_budget:
+                raise KilnError("--calibration and --accuracy-budget only apply with --quantize SCHEME")
+            return None
+        from passes.quantize.schemes import parse_scheme
+        from passes.quantize.stage import parse_budget
+
+        return cls(parse_scheme(options.quantize),
+                   parse_budget(options.accuracy_budget) if options.accuracy_budget else None)
+
+    def run(self, model: ir.Model, spec: Any, options: CompileOptions, say: Callable[[str], None]):
+        from passes.quantize.stage import IN_MEMORY_LIMIT, _weight_bytes, quantize_model
+
+        calibration = self._calibration(model, options)
+        float_snapshot = ir.to_proto(model) if _weight_bytes(model) <= IN_MEMORY_LIMIT else None
+        report = quantize_model(model, self.scheme, spec, calibration=calibration, budget=self.budget,
+                                exclude=options.keep_float, quiet=options.quiet, log=say)
+        PassManager(POST_QUANTIZE_PIPELINE).run(model)
+        for line in report.summary():
+            say(line)
+        reference = None
+        if options.verify:
+            proto = ir.to_proto(model)
+            reference = proto.SerializeToString() if proto.ByteSize() < (1 << 31) - 1 else None
+        return report, reference, float_snapshot
+
+    @staticmethod
+    def _calibration(model: ir.Model, options: CompileOptions) -> Any:
+        from passes.quantize.calibration import CalibrationSet, load_calibration
+
+        data = options.calibration
+        if data is None or isinstance(data, CalibrationSet):
+            return data
+        if isinstance(data, (str, os.PathLike)):
+            return load_calibration(data, signature(model)["inputs"], preprocess=options.calibration_preprocess)
+        if isinstance(data, (list, tuple)):
+            return CalibrationSet.from_feeds(list(data))
+        raise KilnError(f"calibration must be a path, a CalibrationSet or a list of input dicts, not {type(data).__name__}")
+
+    def write_report(self, folder: Path, report: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        name = "quantization.json"
+        (folder / name).write_text(json.dumps(report.to_json(), indent=1, sort_keys=False) + "\n")
+        manifest["files"].extend(artifact_io.describe_files(folder, [name]))
+        summary = report.to_json()["model"]
+        return {"scheme": report.scheme, "report": name, "size_ratio": summary["size_ratio"],
+                "metrics": summary["metrics"]}
+
+    def check_latency(self, report: Any, float_proto: onnx.ModelProto, artifact_model: Path, spec: Any,
+                      say: Callable[[str], None]) -> None:
+        """Time float vs quantized in onnxruntime when the artifact runs on this host; warn when slower."""
+        from passes.quantize.latency import compare_latency, runs_here
+
+        if not runs_here(spec) or artifact_model.suffix != ".onnx":
+            return
+        timings = compare_latency(float_proto, artifact_model)
+        if timings is None:
+            return
+        report.latency_ms = timings
+        ratio = timings["quantized"] / timings["float32"]
+        if ratio > SLOWER_TOLERANCE:
+            report.warnings.append(
+                f"the {self.scheme.spec()} artifact runs {ratio:.2f}x slower than float32 in onnxruntime on this host "
+                f"({timings['quantized']:.2f} ms vs {timings['float32']:.2f} ms); it saves size, not time")
