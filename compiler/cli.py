@@ -255,6 +255,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 def _cmd_passes(args: argparse.Namespace) -> int:
     from compiler.passes import OPT_LEVELS, pass_options, registry
+    from passes.quantize.schemes import scheme_table
 
     passes = registry()
     if args.json:
@@ -264,6 +265,7 @@ def _cmd_passes(args: argparse.Namespace) -> int:
                 for name, cls in passes.items()
             },
             "opt_levels": {f"O{k}": v for k, v in OPT_LEVELS.items()},
+            "quantization_schemes": scheme_table(),
         }
         print(json.dumps(out, indent=2))
         return EXIT_OK
@@ -276,6 +278,12 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     for level, pipeline in OPT_LEVELS.items():
         print(f"  -O{level}  {pipeline or '(no passes)'}")
     print("\npipeline syntax: name{opt=value,...},name,...; fixpoint(a,b){max-iterations=N} repeats until nothing changes")
+    print("\nquantization schemes (--quantize NAME or NAME{option=value,...}):")
+    for row in scheme_table():
+        needs = " [needs --calibration]" if row["calibration"] else ""
+        print(f"  {row['name']:<24} {row['summary']}{needs}")
+        for opt, default in row["options"].items():
+            print(f"  {'':<24}   {opt} (default {str(default).lower() if isinstance(default, bool) else default})")
     return EXIT_OK
 
 
