@@ -178,7 +178,14 @@ def quantize_model(
 
     candidate = fresh()
     layers = attempt(candidate, frozenset())
-    metrics = meter.model_metrics(candidate)
+    try:
+        metrics = meter.model_metrics(candidate)
+    except _CannotRun as err:
+        if budget is not None:
+            raise KilnError(f"--accuracy-budget {budget} cannot be measured: {err}") from None
+        _replace_contents(model, candidate)
+        return QuantReport(scheme.spec(), layers, {"skipped": str(err)}, {}, bytes_before, _weight_bytes(model),
+                           seconds=time.perf_counter() - start)
     budget_info = None
     if budget is not None:
         budget_value = metrics.get(budget.metric)
@@ -290,6 +297,10 @@ def _evaluation_feeds(model: ir.Model, evaluation: CalibrationSet | None, whole:
     return feeds, f"{RANDOM_FEEDS} seeded random input(s) (no calibration data)"
 
 
+class _CannotRun(Exception):
+    """onnxruntime on this host cannot run the quantized model (e.g. bfloat16 compute on the CPU provider)."""
+
+
 class _Meter:
     """Float outputs computed once; metrics of a candidate against them."""
 
@@ -302,7 +313,11 @@ class _Meter:
     def model_metrics(self, candidate: ir.Model) -> dict[str, float]:
         if not self.feeds:
             return {}
-        got = list(capture(candidate, [], self.feeds))
+        try:
+            got = list(capture(candidate, [], self.feeds))
+        except Exception as err:  # onnxruntime raises its own exception types; any failure means "cannot run here"
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise _CannotRun(f"onnxruntime on this host cannot run the quantized model ({first})") from None
         return output_metrics(self.reference, got, self.outputs)
 
     def layer_metrics(self, candidate: ir.Model, layers: list[LayerRecord]) -> None:
