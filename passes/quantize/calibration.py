@@ -154,6 +154,14 @@ def load_calibration(
     return CalibrationSet(loaders, str(p))
 
 
+#: samples per batch fed to a model whose batch dimension is symbolic
+SYMBOLIC_BATCH = 8
+
+
+def _static_batch(shape: Sequence[Any] | None) -> bool:
+    return bool(shape) and isinstance(shape[0], int) and shape[0] > 0
+
+
 def _batch_size(shape: Sequence[Any]) -> int:
     first = shape[0] if shape else None
     return first if isinstance(first, int) and first > 0 else 1
@@ -187,13 +195,16 @@ def _npz_batches(path: Path, inputs: Sequence[Mapping[str, Any]]) -> list[Callab
     if len(counts) != 1:
         raise KilnError(f"--calibration {path}: arrays have different sample counts {sorted(counts)}")
     n = counts.pop()
-    step = min(_batch_size(s.get("shape") or []) for s in inputs)
+    static = [_batch_size(s.get("shape") or []) for s in inputs if _static_batch(s.get("shape"))]
+    # a static batch dim fixes the batch; a symbolic one takes SYMBOLIC_BATCH samples per run
+    step = min(static) if static else min(SYMBOLIC_BATCH, n)
     specs = {s["name"]: s for s in inputs}
 
     def loader(start: int) -> Callable[[], Feed]:
         return lambda: {k: _conform(a[start : start + step], specs[k], str(path)) for k, a in arrays.items()}
 
-    return [loader(i) for i in range(0, n - n % step, step)]
+    end = n - n % step if static else n  # a static batch cannot take a short last batch
+    return [loader(i) for i in range(0, end, step)]
 
 
 def _match_names(names: Sequence[str], inputs: Sequence[Mapping[str, Any]], where: str) -> dict[str, str]:

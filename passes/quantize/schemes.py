@@ -144,6 +144,8 @@ class DynamicInt8(Scheme):
     name: ClassVar[str] = "int8-dynamic"
     summary: ClassVar[str] = "int8 weights per channel, activations quantized at run time"
     implementation: ClassVar[str] = "passes.quantize.dynamic_int8:apply"
+    #: also store embedding tables (Gather of an initializer) as int8 (weight-only, per row)
+    embeddings: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +175,36 @@ SCHEMES: dict[str, type[Scheme]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class GgufQuant(Scheme):
+    """A llama.cpp file type (``q4_k_m``...): for --emit gguf, which encodes it byte-identically to
+    llama-quantize. The scheme only carries the choice; there is nothing to rewrite in an ONNX graph."""
+
+    implementation: ClassVar[str] = "targets.gguf.scheme:apply"
+    gguf: ClassVar[bool] = True
+    #: every quantizable tensor in this type, without llama.cpp's per-tensor mix (llama-quantize --pure)
+    pure: bool = False
+    #: importance matrix: a llama.cpp imatrix file (.gguf or legacy .dat)
+    imatrix: str = ""
+
+
+GGUF_TYPES = {
+    "f32": "float32 GGUF", "q8_0": "8-bit blocks of 32", "q4_0": "4-bit blocks of 32", "q4_1": "4-bit + min, blocks of 32",
+    "q5_0": "5-bit blocks of 32", "q5_1": "5-bit + min, blocks of 32", "q2_k": "llama.cpp Q2_K mix",
+    "q3_k_s": "llama.cpp Q3_K_S", "q3_k_m": "llama.cpp Q3_K_M", "q3_k_l": "llama.cpp Q3_K_L",
+    "q4_k_s": "llama.cpp Q4_K_S", "q4_k_m": "llama.cpp Q4_K_M", "q5_k_s": "llama.cpp Q5_K_S",
+    "q5_k_m": "llama.cpp Q5_K_M", "q6_k": "llama.cpp Q6_K", "q3_k": "= q3_k_m", "q4_k": "= q4_k_m", "q5_k": "= q5_k_m",
+}
+SCHEMES.update({
+    name: dataclasses.dataclass(frozen=True)(
+        type(f"Gguf_{name}", (GgufQuant,), {"name": name, "summary": f"GGUF (--emit gguf): {summary}"}))
+    for name, summary in GGUF_TYPES.items()
+})
+
+
 def parse_scheme(text: str) -> Scheme:
     """``w4`` or ``w4{block-size=64,symmetric=false}`` -> a validated Scheme."""
-    m = re.fullmatch(r"\s*([a-z0-9-]+)\s*(?:\{(.*)\})?\s*", text or "")
+    m = re.fullmatch(r"\s*([a-z0-9_-]+)\s*(?:\{(.*)\})?\s*", text or "")
     if not m:
         raise KilnError(f"--quantize {text!r}: expected NAME or NAME{{option=value,...}}",
                         hint=f"schemes: {', '.join(SCHEMES)}")

@@ -67,6 +67,7 @@ def emit(model: ir.Model, spec: Any, out_dir: Path, options: dict[str, Any] | No
     """Write the model; weights go to external data when large or when they already were."""
     options = options or {}
     threshold = int(options.get("external_data_threshold", EXTERNAL_DATA_THRESHOLD))
+    extra = _encode_quantized(model, spec, options)
     path = out_dir / MODEL_FILE
     if _needs_external_data(model, threshold):
         ir.save(
@@ -81,7 +82,25 @@ def emit(model: ir.Model, spec: Any, out_dir: Path, options: dict[str, Any] | No
         proto = ir.to_proto(model)
         path.write_bytes(proto.SerializeToString(deterministic=True))
         files = [MODEL_FILE]
-    return EmitResult(files=files, entry=MODEL_FILE)
+    return EmitResult(files=files, entry=MODEL_FILE, extra=extra)
+
+
+def _encode_quantized(model: ir.Model, spec: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """int4 weights -> MatMulNBits / GatherBlockQuantized where the target's onnxruntime has them (in place)."""
+    from targets.onnx import encode, encode_int8
+
+    extra: dict[str, Any] = {}
+    # int8 weight-only reads: Cast+Mul that onnxruntime folds at load, int8 embedding gathers (any onnxruntime)
+    int8 = encode_int8.encode_int8_weights(model)
+    if int8.folded_weights or int8.gathered_tables:
+        extra["int8_encoding"] = int8.to_json()
+    if not encode.wants_int4_contrib(spec):
+        return extra
+    level = int(options.get("int4_accuracy_level", encode.DEFAULT_ACCURACY_LEVEL))
+    report = encode.encode_int4(model, accuracy_level=level)
+    if report.matmulnbits or report.gather_block_quantized:
+        extra["int4_encoding"] = report.to_json()
+    return extra
 
 
 def _needs_external_data(model: ir.Model, threshold: int) -> bool:
