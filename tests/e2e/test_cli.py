@@ -108,9 +108,12 @@ def test_targets_and_passes_listings():
         assert name in r.stdout
     rows = json.loads(kiln("targets", "--json").stdout)
     # only installed backends are listed
-    assert all(set(fmts) <= {"onnx"} for row in rows for fmts in row["emit"].values())
+    from targets import available_emits
+
+    installed = set(available_emits())
+    assert all(set(fmts) <= installed for row in rows for fmts in row["emit"].values())
     x86 = next(row for row in rows if row["name"] == "x86_64-linux-gnu")
-    assert x86["emit"]["cpu"] == ["onnx"]
+    assert "onnx" in x86["emit"]["cpu"] and set(x86["emit"]["cpu"]) <= installed
     r = kiln("passes")
     assert r.returncode == 0
     for name in ("fold-constants", "eliminate-dead", "cse", "eliminate-identity", "fold-shapes"):
