@@ -38,6 +38,16 @@ class Artifact:
         return json.loads((self.path / info["report"]).read_text())
 
     @property
+    def pruning(self) -> dict[str, Any] | None:
+        """The pruning report (``pruning.json``), or None for an unpruned artifact."""
+        info = self.manifest.get("pruning")
+        if info is None:
+            return None
+        import json
+
+        return json.loads((self.path / info["report"]).read_text())
+
+    @property
     def quantization_latency_ms(self) -> dict[str, float] | None:
         """float32 vs quantized onnxruntime latency measured at compile time (when it ran on this host)."""
         return None if self._quantization is None else self._quantization.latency_ms
@@ -92,6 +102,8 @@ def compile(
     calibration_preprocess: str | None = None,
     accuracy_budget: str | None = None,
     keep_float: tuple[str, ...] | list[str] = (),
+    prune: str | None = None,
+    prune_recover: str | None = None,
     **emit_options: Any,
 ) -> Artifact:
     """Compile ``model`` (a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``) into ``output``.
@@ -101,6 +113,9 @@ def compile(
     ``fp16``, ``bf16``, ``gptq-w4``, ``awq-w4``); ``calibration`` is a path (.npz, a folder of
     .npz/.npy, a folder of images), a ``CalibrationSet`` or a list of input dicts;
     ``accuracy_budget`` is e.g. ``"cosine>=0.99"``; ``keep_float`` names nodes never quantized.
+    ``prune`` is a structured-pruning spec (``"channels=0.3,heads=0.25,ffn=0.2,criterion=l2"``),
+    applied after the ``opt_level`` pipeline and before quantization; ``prune_recover="lstsq"``
+    refits the layers after each cut on ``calibration``.
     Raises a ``compiler.errors.KilnError`` subclass on bad input; nothing is left
     at ``output`` when it fails.
     """
@@ -109,6 +124,7 @@ def compile(
         verify=verify, dump_ir=dump_ir, quiet=quiet, emit_options=dict(emit_options),
         quantize=quantize, calibration=calibration, calibration_preprocess=calibration_preprocess,
         accuracy_budget=accuracy_budget, keep_float=tuple(keep_float),
+        prune=prune, prune_recover=prune_recover,
     )
     result = compile_model(model, output, options)
     return Artifact(result.path, result.manifest, result.report, result.quantization)

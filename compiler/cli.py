@@ -89,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--accuracy-budget", metavar="EXPR",
                    help="e.g. cosine>=0.99, top1-agreement>=0.98, sqnr>=30: keep sensitive layers in float until it holds")
     q.add_argument("--keep-float", metavar="NODES", default="", help="comma-separated node names never quantized")
+    pr = c.add_argument_group("pruning")
+    pr.add_argument("--prune", metavar="SPEC",
+                    help="structured pruning, e.g. channels=0.3,heads=0.25,ffn=0.2,criterion=l2 (see README)")
+    pr.add_argument("--prune-recover", metavar="METHOD", help="lstsq: refit the layers after each cut on --calibration")
+    b = c.add_argument_group("--emit tvm")
+    b.add_argument("--params", choices=["embedded", "external"],
+                   help="weights inside lib.so (default) or in a params/ tensor cache beside it")
+    b.add_argument("--tune-trials", type=int, metavar="N", help="MetaSchedule trials for the slowest kernels (default 0)")
+    b.add_argument("--tuning-db", metavar="DIR", help="keep MetaSchedule records in DIR and reuse them across compiles")
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("run", parents=[common], help="run an artifact (or an .onnx model) on this host")
@@ -97,7 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", help="write outputs to this .npz, keyed by tensor name")
     r.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     r.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="size of a symbolic dimension for random inputs")
+    r.add_argument("--emulate", action="store_true", help="run an artifact for another architecture under qemu (tvm)")
+    r.add_argument("--rpc", metavar="HOST:PORT", help="run on a device through TVM's RPC server (tvm)")
     r.set_defaults(func=_cmd_run)
+
+    g = sub.add_parser("generate", parents=[common], help="greedy text generation with an LLM package (--emit mlc)")
+    g.add_argument("artifact", help="an --emit mlc artifact folder compiled from an LLM checkpoint")
+    g.add_argument("--prompt", "-p", required=True, help="the prompt text")
+    g.add_argument("--max-tokens", "-n", type=int, default=32, help="new tokens at most (default 32)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    g.set_defaults(func=_cmd_generate)
 
     i = sub.add_parser("inspect", parents=[common], help="describe a model file or an artifact folder")
     i.add_argument("path")
@@ -128,9 +146,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         passes=args.passes, verify=args.verify, dump_ir=args.dump_ir, seed=args.seed, quiet=args.quiet,
         quantize=args.quantize, calibration=args.calibration, calibration_preprocess=args.calibration_preprocess,
         accuracy_budget=args.accuracy_budget, keep_float=tuple(n for n in args.keep_float.split(",") if n),
+        prune=args.prune, prune_recover=args.prune_recover,
+        emit_options=_emit_options(args),
     )
     log = (lambda msg: print(f"kiln: {msg}", file=sys.stderr)) if args.verbose and not args.quiet else None
     result = compile_model(args.model, args.output, options, log=log)
+    if result.pruning is not None and not args.quiet and not args.verbose:
+        for line in result.pruning.summary():
+            print(f"kiln: {line}", file=sys.stderr)
     if result.quantization is not None:
         for line in result.quantization.warnings:
             print(f"kiln: warning: {line}", file=sys.stderr)
@@ -143,12 +166,25 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             print(f"{rec.spec:<40} {rec.seconds * 1000:>9.2f}  {'yes' if rec.modified else 'no'}", file=sys.stderr)
     if not args.quiet:
         ver = result.manifest["verification"]
-        check = (f"verified against onnxruntime (max abs error {ver['max_abs_error']:.3g})"
+        runtime = "llama.cpp" if result.manifest["emit"] == "gguf" else "onnxruntime"
+        check = (f"verified against {runtime} (max abs error {ver['max_abs_error']:.3g})"
                  if ver.get("passed") else f"not verified: {ver.get('skipped')}")
         total = sum(f["bytes"] for f in result.manifest["files"])
         print(f"{result.path}: {result.manifest['emit']} for {result.manifest['target']['name']}, "
               f"{total:,} bytes, {check}")
+        for note in result.manifest.get("backend", {}).get("notes", []):
+            print(f"kiln: note: {note}", file=sys.stderr)
     return EXIT_OK
+
+
+def _emit_options(args: argparse.Namespace) -> dict:
+    """Backend options given on the command line (only the ones set)."""
+    given = {"params": args.params, "tune_trials": args.tune_trials, "tuning_db": args.tuning_db}
+    options = {k: v for k, v in given.items() if v is not None}
+    if options and args.emit != "tvm":
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise KilnError(f"{flags} apply to --emit tvm, not --emit {args.emit}")
+    return options
 
 
 def _parse_dims(items: list[str]) -> dict[str, int]:
@@ -166,7 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from compiler.signature import check_inputs, random_inputs
 
-    runner, signature, where = _open_runnable(Path(args.artifact))
+    runner, signature, where = _open_runnable(Path(args.artifact), emulate=args.emulate, rpc=args.rpc)
     if args.inputs:
         inputs = _load_npz(Path(args.inputs))
         inputs = check_inputs(inputs, signature["inputs"], args.inputs)
@@ -188,20 +224,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_runnable(path: Path):
+def _open_runnable(path: Path, emulate: bool = False, rpc: str | None = None):
     """An artifact folder runs with its backend; a bare .onnx model runs with onnxruntime."""
     if path.is_dir():
         from compiler.api import load_artifact
 
         art = load_artifact(path)
         art.check()
+        if emulate or rpc:
+            from targets import get_backend
+
+            backend = get_backend(art.manifest["emit"])
+            if not set(getattr(backend, "RUN_OPTIONS", ())) >= {"emulate", "rpc"}:
+                raise KilnError(f"--emulate and --rpc apply to tvm artifacts, not {art.manifest['emit']}")
+            return backend.load(path, art.manifest, emulate=emulate, rpc=rpc), art.manifest["signature"], str(path)
+        if "emulate" in getattr(_backend_of(art.manifest), "RUN_OPTIONS", ()):
+            return _backend_of(art.manifest).load(path, art.manifest, emulate=False), art.manifest["signature"], str(path)
         return art._runner, art.manifest["signature"], str(path)
+    if emulate or rpc:
+        raise KilnError("--emulate and --rpc apply to tvm artifact folders, not to a bare model")
     from compiler.importers.onnx_file import import_onnx
     from compiler.signature import signature
     from targets.onnx.run import OrtRunner
 
     model, _ = import_onnx(path)
     return OrtRunner(path), signature(model), str(path)
+
+
+def _backend_of(manifest: dict):
+    from targets import get_backend
+
+    return get_backend(manifest["emit"])
 
 
 def _load_npz(path: Path) -> dict:
@@ -231,6 +284,18 @@ def _save_npz(path: Path, outputs: dict) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from targets.mlc.generate import generate_text
+
+    result = generate_text(Path(args.artifact), args.prompt, args.max_tokens, ignore_eos=args.ignore_eos)
+    print(result.text)
+    if not args.quiet:
+        g = result.generation
+        print(f"kiln: {len(g.prompt)} prompt tokens in {g.prefill_seconds * 1000:.1f} ms, {len(g.tokens)} generated "
+              f"({g.decode_tokens_per_second:.1f} tokens/s decoding)", file=sys.stderr)
+    return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

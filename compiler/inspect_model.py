@@ -47,15 +47,17 @@ def format_summary(info: dict[str, Any], title: str) -> str:
         lines.append(f"  pipeline: {a['pipeline'] or '(none)'}")
         for f in a["files"]:
             lines.append(f"    {f['path']}  {_bytes(f['bytes'])}  sha256 {f['sha256'][:16]}…")
+    if "quantization" in info.get("artifact", {}):
+        q = info["artifact"]["quantization"]
+        figures = ", ".join(f"{k} {v}" for k, v in (q.get("metrics") or {}).items())
+        lines.append(f"  quantized: {q['scheme']}, size ratio {q.get('size_ratio')}" + (f", {figures}" if figures else ""))
+    if "ir_version" not in info:  # a non-ONNX artifact (tvm, gguf, mlc): the manifest is what there is to show
+        _signature_lines(lines, info.get("signature"))
+        return "\n".join(lines)
     lines.append(f"  ir_version {info['ir_version']}, opsets: " + ", ".join(f"{k} {v}" for k, v in info["opsets"].items()))
     if info.get("producer"):
         lines.append(f"  producer: {info['producer']}")
-    lines.append("  inputs:")
-    for e in info["signature"]["inputs"]:
-        lines.append(f"    {e['name']}: {e['dtype']} {_shape(e['shape'])}")
-    lines.append("  outputs:")
-    for e in info["signature"]["outputs"]:
-        lines.append(f"    {e['name']}: {e['dtype']} {_shape(e['shape'])}")
+    _signature_lines(lines, info["signature"])
     total = sum(p["elements"] for p in info["parameters"].values())
     total_bytes = sum(p["bytes"] for p in info["parameters"].values())
     lines.append(f"  parameters: {total:,} in {sum(p['count'] for p in info['parameters'].values())} tensors, {_bytes(total_bytes)}")
@@ -69,6 +71,15 @@ def format_summary(info: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
+def _signature_lines(lines: list[str], sig: dict[str, Any] | None) -> None:
+    if not sig:
+        return
+    for kind in ("inputs", "outputs"):
+        lines.append(f"  {kind}:")
+        for e in sig.get(kind, []):
+            lines.append(f"    {e['name']}: {e['dtype']} {_shape(e.get('shape'))}")
+
+
 def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
     """Summarize a model file or an artifact folder; returns (info, title)."""
     from compiler.artifact import MANIFEST, read_manifest
@@ -78,14 +89,15 @@ def inspect_path(path: Path) -> tuple[dict[str, Any], str]:
         manifest = read_manifest(path)
         model_path = path / manifest["entry"]
         model, _ = import_onnx(model_path) if manifest["emit"] == "onnx" else (None, None)
-        info = summarize(model) if model is not None else {"signature": manifest["signature"]}
+        info = summarize(model) if model is not None else {"signature": manifest.get("signature")}
         info["artifact"] = {
             "emit": manifest["emit"],
             "target": manifest["target"]["name"],
             "kiln_version": manifest["kiln_version"],
-            "pipeline": manifest["pipeline"]["spec"],
+            "pipeline": manifest.get("pipeline", {}).get("spec", ""),
             "files": manifest["files"],
             "manifest": MANIFEST,
+            **({"quantization": manifest["quantization"]} if "quantization" in manifest else {}),
         }
         return info, f"{path} (kiln artifact)"
     model, digest = import_onnx(path)

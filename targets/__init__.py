@@ -16,11 +16,22 @@ from compiler.errors import TargetError
 #: emit format -> module implementing it
 BACKENDS: dict[str, str] = {
     "onnx": "targets.onnx",
+    "gguf": "targets.gguf",
+    "tvm": "targets.tvm",
+    "mlc": "targets.mlc",
+}
+#: emit format -> the module its backend needs at run time (formats not listed need nothing beyond kiln's deps)
+REQUIRES: dict[str, str] = {
+    "tvm": "tvm",
+    "mlc": "tvm",
 }
 
 
 def available_emits() -> list[str]:
-    return sorted(BACKENDS)
+    """The emit formats whose backend can run here (one whose library is not installed is left out)."""
+    from importlib.util import find_spec
+
+    return sorted(name for name in BACKENDS if name not in REQUIRES or find_spec(REQUIRES[name]) is not None)
 
 
 def get_backend(emit: str) -> ModuleType:

@@ -258,3 +258,26 @@ def _kebab(name: str) -> str:
 
 def _format(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MlcQuant(Scheme):
+    """An MLC-LLM quantization mode (``q4f16_1``...): for --emit mlc, which encodes LLM checkpoints in
+    MLC's layout (int4 in uint32 words, groups of 32). On an ONNX graph the mode maps to kiln's own
+    schemes (``targets.mlc.scheme``): q0f32 nothing, q0f16 fp16, q4f16_1/q4f32_1 w4{block-size=32}."""
+
+    implementation: ClassVar[str] = "targets.mlc.scheme:apply"
+    mlc: ClassVar[bool] = True
+
+
+MLC_MODES = {
+    "q0f32": "MLC (--emit mlc): float32 weights and compute",
+    "q0f16": "MLC (--emit mlc): float16 weights and compute",
+    "q4f16_1": "MLC (--emit mlc): int4 groups of 32 packed in uint32, float16 scales and compute",
+    "q4f32_1": "MLC (--emit mlc): int4 groups of 32 packed in uint32, float32 scales and compute",
+}
+SCHEMES.update({
+    name: dataclasses.dataclass(frozen=True)(
+        type(f"Mlc_{name}", (MlcQuant,), {"name": name, "summary": summary}))
+    for name, summary in MLC_MODES.items()
+})

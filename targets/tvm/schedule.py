@@ -1,0 +1,245 @@
+"""kiln's default CPU schedule: every kernel parallel over the cores, vectorized where memory allows.
+
+TVM 0.27 leaves CPU kernels unscheduled unless tuned: one thread, scalar
+loops (a small CNN ran 85x slower than onnxruntime). These rules run after
+fusion, on each kernel a MetaSchedule database did not already schedule
+(``dlight.ApplyDefaultSchedule`` skips those):
+
+1. ``Elementwise``: injective kernels are inlined into their last block, whose
+   loops are fused, split into a parallel outer loop and a vector inner one.
+2. ``TiledReduction``: one reduction block (matmul, convolution, pooling)
+   with injective prologue and epilogue blocks. Prologues (padding, layout
+   moves) are inlined into it. When the innermost output axis is contiguous in
+   every buffer that uses it, the output is tiled ``4 x 2*lanes`` with the
+   accumulators in a local buffer (registers), the reduction loops inside the
+   tile; outer tiles run in parallel; epilogues (bias, activation) are folded
+   into the write-back of each tile. Otherwise (reductions along the
+   contiguous axis, packed quantized weights) the output axes run in parallel
+   and the innermost reduction loop is unrolled by ``lanes``.
+3. TVM's DLight CPU ``Reduction`` rule for softmax / normalization kernels.
+4. ``Fallback``: each block's leading spatial loops fused and run in parallel.
+
+A rule that fails on a kernel leaves it to the next rule (never the compile).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from targets.tvm import _env
+
+#: accumulator tile: rows x (VECTORS * lanes) columns
+TILE_ROWS = 4
+VECTORS = 2
+
+
+def default_cpu_schedule() -> Any:
+    """The ApplyDefaultSchedule pass with kiln's CPU rules."""
+    _env.tvm()
+    from tvm.s_tir import dlight
+
+    rules = _rule_classes()
+    return dlight.ApplyDefaultSchedule(rules["Elementwise"](), rules["TiledReduction"](),
+                                       rules["Reduction"](), rules["Fallback"]())
+
+
+_RULES: dict[str, Any] | None = None
+
+
+def _rule_classes() -> dict[str, Any]:
+    global _RULES
+    if _RULES is not None:
+        return _RULES
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import ScheduleRule
+    from tvm.s_tir.dlight.base.common_schedules import try_inline, try_inline_contiguous_spatial
+
+    def lanes(target: Any, bits: int = 32) -> int:
+        """Vector lanes from the target's own features (LLVM's answer can reflect this host's CPU)."""
+        attrs = {str(a) for a in (target.attrs.get("mattr") or [])}
+        width = 512 if "+avx512f" in attrs else 256 if attrs & {"+avx", "+avx2"} else 128
+        return max(width // bits, 2)
+
+    def extent(sch: Any, loop: Any) -> int | None:
+        value = sch.get(loop).extent
+        return int(value.value) if isinstance(value, tirx.IntImm) else None
+
+    def vectorize_inner(sch: Any, block: Any, width: int) -> None:
+        loops = sch.get_loops(block)
+        if not loops:
+            return
+        inner = loops[-1]
+        n = extent(sch, inner)
+        if n is not None and n <= width:
+            if n > 1:
+                sch.vectorize(inner)
+            return
+        _, vec = sch.split(inner, factors=[None, width])
+        sch.vectorize(vec)
+
+    def parallel_outer(sch: Any, block: Any, count: int) -> Any:
+        loops = sch.get_loops(block)[:count]
+        if not loops:
+            return None
+        loop = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        sch.parallel(loop)
+        return loop
+
+    class _Safe(ScheduleRule):
+        """A CPU rule whose failures mean "not applicable"."""
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+                return None
+            try:
+                return self.schedule(func, target)
+            except Exception:  # a rule that cannot handle a kernel leaves it to the next one
+                return None
+
+        def schedule(self, func: Any, target: Any) -> Any:
+            raise NotImplementedError
+
+    class Elementwise(_Safe):
+        def schedule(self, func: Any, target: Any) -> Any:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos or not all(b.is_injective() for b in infos):
+                return None
+            rest = try_inline(sch, list(infos[:-1]))
+            last = infos[-1]
+            for info in rest:  # blocks that would not inline: each on its own
+                self._one(sch, info.block_rv, target)
+            self._one(sch, last.block_rv, target)
+            return sch
+
+        @staticmethod
+        def _one(sch: Any, block: Any, target: Any) -> None:
+            loops = sch.get_loops(block)
+            if not loops:
+                return
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            width = lanes(target)
+            n = extent(sch, fused)
+            if n is not None and n <= width:
+                return
+            outer, vec = sch.split(fused, factors=[None, width])
+            sch.vectorize(vec)
+            sch.parallel(outer)
+
+    class TiledReduction(_Safe):
+        def schedule(self, func: Any, target: Any) -> Any:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos:
+                return None
+            infos = try_inline_contiguous_spatial(sch, infos)
+            reductions = [b for b in infos if not b.is_injective()]
+            if len(reductions) != 1:
+                return None
+            red = reductions[0]
+            kind = red.dom_kind()
+            ns = len(kind) - len(kind.lstrip("S"))
+            if ns == 0 or set(kind[ns:]) != {"R"}:
+                return None
+            at = infos.index(red)
+            prologue, epilogue = infos[:at], infos[at + 1 :]
+            if self._contiguous(sch, red.block_rv, ns):
+                self._tile(sch, red.block_rv, ns, len(kind) - ns, [b.block_rv for b in epilogue], target)
+            else:
+                self._rows(sch, red.block_rv, ns, [b.block_rv for b in epilogue], target)
+            for info in prologue:
+                Elementwise._one(sch, info.block_rv, target)
+            return sch
+
+        @staticmethod
+        def _contiguous(sch: Any, block: Any, ns: int) -> bool:
+            """Whether the innermost output iterator indexes only the last axis of every buffer it touches."""
+            stmt = sch.get(block)
+            var = stmt.iter_vars[ns - 1].var
+            for region in list(stmt.reads) + list(stmt.writes):
+                dims = list(region.region)
+                for d, rng in enumerate(dims):
+                    if _uses(rng.min, var) and d != len(dims) - 1:
+                        return False
+            return True
+
+        @staticmethod
+        def _tile(sch: Any, block: Any, ns: int, nr: int, epilogue: list, target: Any) -> None:
+            loops = sch.get_loops(block)
+            s_loops, r_loops = loops[:ns], loops[ns:]
+            width = lanes(target)
+            cols = VECTORS * width
+            vo, vi = sch.split(s_loops[-1], factors=[None, cols])
+            outer = list(s_loops[:-1])
+            inner_rows = []
+            if ns >= 2:
+                n_rows = extent(sch, s_loops[-2])
+                # a tile that divides the rows (a partial tile's predicate would block vectorizing)
+                rows = TILE_ROWS if n_rows is None else next(
+                    r for r in range(min(TILE_ROWS, n_rows), 0, -1) if n_rows % r == 0)
+                if rows > 1:
+                    uo, ui = sch.split(s_loops[-2], factors=[None, rows])
+                    outer = list(s_loops[:-2]) + [uo]
+                    inner_rows = [ui]
+            sch.reorder(*outer, vo, *r_loops, *inner_rows, vi)
+            tile = sch.fuse(*outer, vo) if outer else vo
+            sch.parallel(tile)
+            write_back = sch.cache_write(block, 0, "local")
+            for epi in epilogue:
+                try:
+                    sch.reverse_compute_inline(epi)
+                except Exception:
+                    Elementwise._one(sch, epi, target)
+            sch.reverse_compute_at(write_back, tile, preserve_unit_loops=True)
+            for ui in inner_rows:
+                sch.unroll(ui)
+            sch.vectorize(vi)
+            init = sch.decompose_reduction(block, r_loops[0])
+            vectorize_inner(sch, write_back, width)
+
+        @staticmethod
+        def _rows(sch: Any, block: Any, ns: int, epilogue: list, target: Any) -> None:
+            loops = sch.get_loops(block)
+            width = lanes(target)
+            tile = parallel_outer(sch, block, ns)
+            inner = loops[-1]
+            n = extent(sch, inner)
+            if n is None or n > width:
+                _, ri = sch.split(inner, factors=[None, width])
+                sch.annotate(ri, ann_key="pragma_auto_unroll_max_step", ann_val=width)
+                sch.annotate(ri, ann_key="pragma_unroll_explicit", ann_val=1)
+            for epi in epilogue:
+                try:
+                    sch.reverse_compute_at(epi, tile, preserve_unit_loops=True)
+                    vectorize_inner(sch, epi, width)
+                except Exception:
+                    Elementwise._one(sch, epi, target)
+
+    class Fallback(_Safe):
+        def schedule(self, func: Any, target: Any) -> Any:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos:
+                return None
+            for info in infos:
+                kind = info.dom_kind()
+                ns = len(kind) - len(kind.lstrip("S"))
+                if ns:
+                    parallel_outer(sch, info.block_rv, ns)
+            return sch
+
+    def _uses(expr: Any, var: Any) -> bool:
+        return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr, []))
+
+    class Reduction(dlight.cpu.Reduction):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            try:
+                return super().apply(func, target, tunable)
+            except Exception:
+                return None
+
+    _RULES = {"Elementwise": Elementwise, "TiledReduction": TiledReduction, "Reduction": Reduction,
+              "Fallback": Fallback}
+    return _RULES

@@ -1,0 +1,183 @@
+"""MetaSchedule tuning: spend a bounded trial budget on the kernels that take the time, keep the records.
+
+``--tune-trials N --tuning-db DIR``:
+
+1. The model is lowered and fused as for the build; each fused kernel with
+   static shapes is a task (kernels with symbolic dims, e.g. a free batch, are
+   left to the default schedule: MetaSchedule tunes one shape at a time).
+2. Tasks are ranked by estimated work (FLOPs x calls) and only the top
+   ``tune_tasks`` are tuned, ``N / tasks`` trials each: a budget spread thin
+   over every kernel finds nothing (200 trials over a small CNN's 20 kernels
+   made it slower in our measurements).
+3. Each task's search space is MetaSchedule's own plus kiln's default CPU
+   schedule, so the measured best is never worse than the default.
+4. Records go to a JSON database in DIR. A task whose workload already has a
+   record there is not searched again: a second compile with the same DIR
+   does no search at all. Without DIR the records live in a temporary folder.
+
+The database is applied before kiln's default schedule; kernels it has no
+record for keep the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+from typing import Any
+
+from compiler.errors import KilnError
+from compiler.progress import Progress
+from targets.tvm import _env
+
+DEFAULT_TASKS = 8
+MIN_TRIALS_PER_TASK = 8
+
+
+def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trials: int, db_dir: str | None,
+         tasks: int = DEFAULT_TASKS, quiet: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Tune ``mod``'s heaviest static kernels; returns (database, what happened for the manifest)."""
+    _env.tvm()
+    from tvm.s_tir import meta_schedule as ms
+
+    _check_runs_here(spec, target)
+    work_dir = os.path.abspath(db_dir) if db_dir else tempfile.mkdtemp(prefix="kiln-tune-")
+    os.makedirs(work_dir, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=work_dir, module_equality="structural")
+    candidates = _ranked_tasks(mod, target, n_inputs, params)
+    chosen = candidates[: max(tasks, 0)]
+    todo = [t for t in chosen if not database.has_workload(t.dispatched[0])
+            or not database.get_top_k(database.commit_workload(t.dispatched[0]), 1)]
+    info: dict[str, Any] = {
+        "trials_budget": trials,
+        "tasks_static": len(candidates),
+        "tasks_selected": [t.task_name for t in chosen],
+        "tasks_reused": len(chosen) - len(todo),
+        "tasks_searched": 0,
+        "trials": 0,
+    }
+    if db_dir:
+        info["database"] = os.path.basename(os.path.normpath(db_dir))
+    if not todo or trials <= 0:
+        return database, info
+
+    per_task = max(trials // len(todo), MIN_TRIALS_PER_TASK)
+    contexts = [_context(t, target, work_dir) for t in todo]
+    bar = Progress("tuning", per_task * len(todo), quiet=quiet)
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
+    cost_model = "xgb" if _has_xgboost() else "random"
+    with bar, _quiet_logs():
+        ms.tune_tasks(
+            tasks=contexts, task_weights=[float(t.weight) for t in todo], work_dir=work_dir,
+            max_trials_global=per_task * len(todo), max_trials_per_task=per_task,
+            num_trials_per_iter=min(32, per_task), database=database, cost_model=cost_model,
+            measure_callbacks=callbacks,
+        )
+    info["tasks_searched"] = len(todo)
+    info["trials"] = bar.done
+    return database, info
+
+
+def _check_runs_here(spec: Any, target: Any) -> None:
+    from targets.tvm.backend import _host_problem
+
+    manifest_like = {"target": spec.to_json()}
+    why = _host_problem(manifest_like) if target.kind.name == "llvm" else f"{target.kind.name} kernels cannot run here"
+    if why:
+        raise KilnError(f"--tune-trials measures kernels on this machine, and this target cannot run here: {why}",
+                        hint="tune on the device, or compile without --tune-trials (kiln's default schedule)")
+
+
+def _ranked_tasks(mod: Any, target: Any, n_inputs: int, params: list) -> list[Any]:
+    """The fused kernels with static shapes, heaviest (FLOPs x calls) first."""
+    tvm = _env.tvm()
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.tvm import build
+
+    with target:
+        fused = tvm.transform.Sequential(build._stage(target, "library_dispatch_passes")
+                                         + build._stage(target, "legalize_passes"))(mod)
+    extracted = ms.relax_integration.extract_tasks(fused, target)
+    ranked = []
+    for task in extracted:
+        func_mod = task.dispatched[0]
+        if not _static(func_mod):
+            continue
+        try:
+            flops = float(s_tir.analysis.estimate_tir_flops(func_mod))
+        except Exception:
+            continue
+        ranked.append((flops * task.weight, task))
+    ranked.sort(key=lambda pair: -pair[0])
+    return [task for _, task in ranked]
+
+
+def _static(func_mod: Any) -> bool:
+    from tvm import tirx
+
+    for _, func in func_mod.functions_items():
+        for param in func.params:
+            shape = getattr(param.ty, "shape", None)
+            if shape is not None and not all(isinstance(d, tirx.IntImm) for d in shape):
+                return False
+    return True
+
+
+def _context(task: Any, target: Any, work_dir: str) -> Any:
+    """MetaSchedule's design space plus kiln's default CPU schedule for this kernel."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.tvm.schedule import _rule_classes
+
+    rules = _rule_classes()
+
+    def kiln_default(sch: Any) -> Any:
+        func = sch.mod["main"]
+        for name in ("Elementwise", "TiledReduction", "Fallback"):
+            scheduled = rules[name]().apply(func, target, False)
+            if scheduled is not None:
+                return scheduled
+        return sch
+
+    space = ms.space_generator.SpaceGeneratorUnion(
+        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(kiln_default)])
+    logger = logging.getLogger("kiln.tvm.tune")
+    return ms.TuneContext(mod=task.dispatched[0], target=target, space_generator=space,
+                          search_strategy="evolutionary", task_name=task.task_name, logger=logger,
+                          num_threads="physical").clone()
+
+
+def _progress_callback(bar: Progress) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: list, builder_results: list,
+                  runner_results: list) -> None:
+            bar.update(len(runner_results), f"task {task_id}")
+
+    return _Progress()
+
+
+def _has_xgboost() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("xgboost") is not None
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """MetaSchedule logs every round to stdout and its loggers: kiln shows a progress bar instead."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    old = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(old)
