@@ -12,7 +12,8 @@ weights) with a small byte-level BPE tokenizer, saved with ``save_pretrained``.
   past/present key-value tensors (written here from HF's definition, checked
   against transformers' logits), exported with ``torch.onnx.export``
   (opset 17, dynamic sequence and past lengths); load = ``InferenceSession``;
-  decode = the same greedy loop feeding the presents back.
+  decode = the same greedy loop feeding the presents back. Both loops run
+  with Python's garbage collector paused.
 
 Each figure is the median of ``--repeats`` runs; decode tokens/s counts the
 tokens after the first (which comes from the prefill), for a ``--prompt``-token
@@ -29,6 +30,7 @@ Run: python bench/mlc.py [--hidden 512] [--layers 8] [--tokens 64] [--prompt 16]
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -146,6 +148,13 @@ class OrtDecoder:
         self.n_kv, self.hd = n_kv, hd
 
     def generate(self, prompt: list[int], steps: int) -> tuple[list[int], float]:
+        gc.disable()  # as LlmRunner.generate does: no full collections mid-loop
+        try:
+            return self._generate(prompt, steps)
+        finally:
+            gc.enable()
+
+    def _generate(self, prompt: list[int], steps: int) -> tuple[list[int], float]:
         past = {n: np.zeros((1, self.n_kv, 0, self.hd), np.float32) for n in self.past_names}
         outs = self.session.run(None, {"input_ids": np.asarray([prompt], np.int64), **past})
         tokens = [int(outs[0][0, -1].argmax())]
