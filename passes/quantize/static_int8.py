@@ -1,26 +1,35 @@
-"""Static W8A8 (``int8``): int8 per-channel weights, 8-bit activations calibrated per tensor, as QDQ.
+"""Static W8A8 (``int8``): 8-bit per-channel weights, 8-bit activations calibrated per tensor, as QDQ.
 
-Weights of Conv / Gemm / MatMul (constant, rank >= 2) become symmetric int8
+Weights of Conv / Gemm / MatMul (constant, float) become symmetric 8-bit codes
 per output channel behind a DequantizeLinear; biases become int32 with scale
-``input_scale * weight_scale`` (what QLinearConv and QGemm take). Activations
-get a QuantizeLinear -> DequantizeLinear pair whose range the chosen observer
+``input_scale * weight_scale`` (what QLinearConv and QGemm take), corrected for
+the mean output shift the weight rounding causes. Activations get a
+QuantizeLinear -> DequantizeLinear pair whose range the chosen observer
 (``passes.quantize.observers``) measured on the calibration data. onnxruntime's
-QDQ fusion then turns ``DQ -> Conv -> [Relu|Clip] -> Q`` into QLinearConv,
-``DQ -> Add -> Q`` into QLinearAdd, ``DQ -> MatMul`` into MatMulIntegerToFloat, ...
+QDQ fusion turns ``DQ -> Conv -> [Relu|Clip] -> Q`` into QLinearConv,
+``DQ -> Add -> Q`` into QLinearAdd, ``DQ -> Gemm`` into QGemm and
+``DQ -> MatMul`` into MatMulIntegerToFloat.
 
-Where the pairs go decides both speed and accuracy (see ``Placement``):
+Where the pairs go, and how the codes are stored, decide speed and accuracy
+(``Placement``; measurements in ``bench/_quant_effnet.py`` and the report of
+the work that added this module):
 
-- activations are uint8 (onnxruntime's U8S8 kernels), weights int8;
-- a Relu / Clip right after a quantized op is absorbed: the pair sits on its
-  output, whose calibrated range makes the clip redundant for onnxruntime;
-- every quantized Conv has its output quantized (onnxruntime only fuses Conv
-  with a Q after it); Gemm / MatMul outputs are quantized only when an int8
-  consumer reads them (else they run as integer matmuls with float output);
-- residual Adds whose inputs are both int8 run as QLinearAdd and
-  GlobalAveragePool as QLinearGlobalAveragePool, so a CNN stays in int8
-  (and in onnxruntime's NHWC int8 layout) from the first conv to the classifier;
-- graph outputs are never quantized (quantized logits would round away the
-  top-1 margin), and attention's activation x activation MatMuls stay float.
+- activations are uint8. The 8-bit codes of GEMM-like layers (1x1 and regular
+  convs, Gemm, MatMul) are stored as uint8 with zero point 128 (the same
+  symmetric values): x86 CPUs without AVX-512 VNNI run onnxruntime's U8S8
+  kernels with int16 pair sums that saturate (EfficientNet-Lite0: top-1
+  agreement 0.66 instead of 0.96), U8U8 kernels are exact everywhere.
+  Depthwise convs keep int8 codes (their kernel accumulates in 32 bits);
+- the inputs of every quantized layer and the outputs of quantized convs are
+  quantized (onnxruntime only fuses a Conv with a Q after it), so a residual
+  Add between them runs as QLinearAdd; a Relu / constant Clip right after a
+  conv is absorbed (the pair sits on its output, which makes it redundant);
+- graph outputs are never quantized (quantized logits round away the top-1
+  margin); activation x activation MatMuls (attention) stay float;
+- the first convs of an image model (its stem) stay float: a few thousand
+  weights whose quantization noise the whole network amplifies;
+- MatMul inputs are smoothed first (SmoothQuant): transformer hidden states
+  have outlier channels that would otherwise set every per-tensor range.
 """
 
 from __future__ import annotations
@@ -59,11 +68,11 @@ class Placement:
     reduce_range: bool = False  # 7-bit weight codes
     narrow: str = "none"  # 7-bit activation codes: "none", "all", or "gemm" (inputs of GEMM-like layers)
     bias_correction: bool = True  # subtract the weight rounding's mean output shift from the bias
-    #: the first N convs in graph order stay float (an image model's stem)
-    float_stem: int = 2
+    #: the first N convs in graph order stay float (an image model's stem; at most a tenth of its convs)
+    float_stem: int = 3
     #: SmoothQuant migration strength for MatMul inputs (0 = off): activation outlier channels
     #: are divided by s = max|x|^a / max|w|^(1-a), the weight rows multiplied by it
-    smooth: float = 0.5
+    smooth: float = 0.8
 
 
 @dataclasses.dataclass
@@ -86,20 +95,26 @@ def apply(scheme, model: ir.Model, ctx: QuantContext, placement: Placement | Non
     if placement.smooth > 0:
         _smooth(model, scheme, ctx, placement.smooth)
     targets = []
+    kept_float: set[int] = set()  # layers left in float read float inputs (see _insert_qdq)
     convs = 0
+    # the stem rule is for deep image models: at most a tenth of the convs stay float
+    stem = min(placement.float_stem, sum(1 for n in graph if (t := _target(n)) is not None and t.kind == "conv") // 10)
     for node in graph:
         target = _target(node)
         if target is None:
             continue
         convs += target.kind == "conv"
         if node.name in ctx.exclude:
-            records.append(_record(target, "float32", "kept in float (accuracy budget)"))
-        elif target.kind == "conv" and convs <= placement.float_stem:
-            records.append(_record(target, "float32", "kept in float (the network's stem)"))
+            note = "kept in float (accuracy budget)"
+        elif target.kind == "conv" and convs <= stem:
+            note = "kept in float (the network's stem)"
         elif target.kind == "conv" and _is_depthwise(target) and not placement.depthwise:
-            records.append(_record(target, "float32", "depthwise conv kept in float"))
+            note = "depthwise conv kept in float"
         else:
             targets.append(target)
+            continue
+        records.append(_record(target, "float32", note))
+        kept_float.add(id(node))
     if not targets:
         return records
     plan = _plan(graph, targets, placement)
@@ -114,8 +129,9 @@ def apply(scheme, model: ir.Model, ctx: QuantContext, placement: Placement | Non
         mean = means[name] if placement.bias_correction else None
         records.append(_quantize_weights(graph, target, params[name], mean, scheme, placement, done))
     for name in plan.order:
-        _insert_qdq(graph, values[name], *params[name])
-    return records
+        _insert_qdq(graph, values[name], *params[name], keep_float=kept_float)
+    order = {node.name: i for i, node in enumerate(graph)}
+    return sorted(records, key=lambda r: order.get(r.node, len(order)))
 
 
 def _smooth(model: ir.Model, scheme, ctx: QuantContext, alpha: float) -> None:
@@ -188,6 +204,8 @@ def _target(node: ir.Node) -> _Target | None:
         return None
     op, ins = node.op_type, node.inputs
     if ins[0].const_value is not None or len(ins) < 2 or not _is_weight(ins[1]):
+        return None
+    if ins[0].dtype not in (None, ir.DataType.FLOAT):
         return None
     shape = ins[1].const_value.shape
     if op == "Conv" and len(shape) >= 3:
@@ -297,15 +315,22 @@ def _narrow_values(plan: _Plan, targets: list[_Target], placement: Placement) ->
 # --- rewriting -------------------------------------------------------------------------------
 
 
-def _insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.ndarray, zero: np.ndarray) -> None:
-    """``value -> QuantizeLinear -> DequantizeLinear``; every reader of ``value`` reads the DQ instead.
+def _insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.ndarray, zero: np.ndarray,
+                keep_float: set[int] = frozenset()) -> None:
+    """``value -> QuantizeLinear -> DequantizeLinear``; every reader of ``value`` reads the DQ instead,
+    except the layers left in float (``keep_float``, node ids), which keep reading ``value``.
 
-    ``value`` keeps its name (it is what the report compares); graph outputs keep reading it.
+    A float Conv/Gemm reading a DequantizeLinear and feeding a QuantizeLinear would not stay float:
+    onnxruntime 1.32 (WeightBiasQuantization) quantizes its weights per tensor and fuses it. Reading
+    the float value costs the producer its fusion instead. ``value`` keeps its name (the report
+    compares it); graph outputs keep reading it.
     """
+    uses = [(u.node, u.idx) for u in value.uses() if id(u.node) not in keep_float]
+    if not uses:
+        return
     base = value.name
     sv = add_initializer(graph, f"{base}_scale", scale)
     zv = add_initializer(graph, f"{base}_zero_point", zero)
-    uses = [(u.node, u.idx) for u in value.uses()]
     q = ir.Node("", "QuantizeLinear", [value, sv, zv], name=unique_node_name(graph, f"{base}_quantize"), num_outputs=1)
     q.outputs[0].name = unique_name(graph, f"{base}_quantized")
     q.outputs[0].type = ir.TensorType(ir.DataType.UINT8 if zero.dtype == np.uint8 else ir.DataType.INT8)
@@ -371,6 +396,7 @@ def _quantize_weights(graph: ir.Graph, target: _Target, input_params: tuple[np.n
     bias = _bias(target)
     if bias is not None:
         values = bias.const_value.numpy().astype(np.float64)
+        rec.bytes_before += bias.const_value.nbytes
         if input_mean is not None:  # E[(W_q - W) x] per output channel
             values = values - _mean_shift(target, error, input_mean)
         rec.bytes_after += _quantize_bias(graph, node, bias, values, input_params[0] * scale)

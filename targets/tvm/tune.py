@@ -34,6 +34,18 @@ from targets.tvm import _env
 
 DEFAULT_TASKS = 8
 MIN_TRIALS_PER_TASK = 8
+BUILD_TIMEOUT_S = 60
+
+
+def _build_candidate(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule's default candidate build without ``import tvm.s_tir.tensor_intrin``: that import
+    registers every tensor intrinsic and takes about 30 s, longer than the builder's timeout, in each
+    fresh worker process. kiln's fp32 CPU schedules never tensorize."""
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm.tirx.build(mod, target=target)
 
 
 def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trials: int, db_dir: str | None,
@@ -43,6 +55,7 @@ def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trial
     from tvm.s_tir import meta_schedule as ms
 
     _check_runs_here(spec, target)
+    target = _with_cores(target)
     work_dir = os.path.abspath(db_dir) if db_dir else tempfile.mkdtemp(prefix="kiln-tune-")
     os.makedirs(work_dir, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=work_dir, module_equality="structural")
@@ -68,16 +81,32 @@ def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trial
     bar = Progress("tuning", per_task * len(todo), quiet=quiet)
     callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
     cost_model = "xgb" if _has_xgboost() else "random"
+    builder = ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=BUILD_TIMEOUT_S)
     with bar, _quiet_logs():
         ms.tune_tasks(
             tasks=contexts, task_weights=[float(t.weight) for t in todo], work_dir=work_dir,
             max_trials_global=per_task * len(todo), max_trials_per_task=per_task,
             num_trials_per_iter=min(32, per_task), database=database, cost_model=cost_model,
-            measure_callbacks=callbacks,
+            measure_callbacks=callbacks, builder=builder,
         )
     info["tasks_searched"] = len(todo)
     info["trials"] = bar.done
     return database, info
+
+
+def _with_cores(target: Any) -> Any:
+    """MetaSchedule sizes its parallel loops by the target's ``num-cores`` (this machine's, since it measures here)."""
+    tvm = _env.tvm()
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        cores = os.cpu_count() or 1
+    data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(target.export()).items()
+            if k not in ("keys", "tag", "host") and not str(k).startswith("feature.")}
+    data["num-cores"] = int(cores)
+    return tvm.target.Target(data)
 
 
 def _check_runs_here(spec: Any, target: Any) -> None:
