@@ -238,7 +238,7 @@ def _rewrite_dequantize(graph, w: _Weight, storage, plan: QuantPlan) -> None:
     zero = None if w.zero is None else (w.zero.reshape(1) if w.axis == -1 else w.zero)
     packed = _storage(graph, w, "flat", flat, scale, zero, storage, plan, keep_shapes=True)
     attrs = [ir.AttrInt64("bits", w.bits), ir.AttrInt64("signed", int(w.signed)), ir.AttrInt64("axis", w.axis),
-             ir.AttrInt64("block", w.block), ir.AttrInts("shape", list(w.q.shape))]
+             ir.AttrInt64("block", w.block), ir.AttrInt64s("shape", list(w.q.shape))]
     node = ir.Node(DOMAIN, "QDequantize", packed, attrs, name=f"{w.node.name}_q", num_outputs=1)
     node.outputs[0].dtype = w.node.outputs[0].dtype
     operands = [v for v in w.node.inputs if v is not None]
