@@ -1,4 +1,4 @@
-"""bench/quantize.py section ``effnet``: EfficientNet-Lite0 (real weights), kiln ``int8`` vs onnxruntime's quantize_static.
+"""bench/quantize.py section ``effnet``: EfficientNet-Lite0 (real weights), kiln ``int8`` vs ort quantize_static.
 
 Data: tests/image_data.py, crops and flips of scikit-image's and scikit-learn's
 sample photos; the whole calibration split (168 images) goes to

@@ -60,14 +60,22 @@ class Histogram:
             self.width = (max(hi, 0.0) - min(lo, 0.0)) / (self.max_bins - 2)
             self.start = int(np.floor(min(lo, 0.0) / self.width))
             self.counts = np.zeros(1, dtype=np.int64)
-        self._cover(int(np.floor(lo / self.width)), int(np.floor(hi / self.width)))
-        idx = np.floor(x * (1.0 / self.width)).astype(np.int64)
+        self._cover(int(self._bins(np.float32([lo]))[0]), int(self._bins(np.float32([hi]))[0]))
+        idx = self._bins(x)
         idx -= self.start
         np.clip(idx, 0, len(self.counts) - 1, out=idx)  # float rounding at the edges
         self.counts += np.bincount(idx, minlength=len(self.counts))
         if self._zeros:
             self.counts[-self.start] += self._zeros
             self._zeros = 0
+
+    def _bins(self, x: np.ndarray) -> np.ndarray:
+        """Bin index of each value, consistent with ``edges()`` (k*w <= x < (k+1)*w in float64)."""
+        x = x.astype(np.float64)  # float32 would overflow 1/width for tiny widths
+        idx = np.floor(x / self.width)
+        idx += x >= (idx + 1) * self.width  # the division can land one bin off at an edge
+        idx -= x < idx * self.width
+        return idx.astype(np.int64)
 
     def _cover(self, first: int, last: int) -> None:
         """Grow (coarsening when needed) so bins ``first``..``last`` and bin 0 exist."""
@@ -135,19 +143,16 @@ class _HistogramObserver(Observer):
         return self.hist.total == 0 or self.hist.width == 0.0
 
 
-class Percentile(Observer):
+class Percentile(_HistogramObserver):
     """The (100 - p)th and pth percentiles, linear inside the bin the rank falls in."""
 
     def __init__(self, percentile: float = 99.999, bins: int = BINS) -> None:
+        super().__init__(bins)
         self.p = percentile
-        self.hist = Histogram(bins)
-
-    def update(self, x: np.ndarray) -> None:
-        self.hist.update(x)
 
     def range(self) -> tuple[float, float]:
         h = self.hist
-        if h.total == 0 or h.width == 0.0:
+        if self._empty():
             return 0.0, 0.0
         lo = self._quantile(1.0 - self.p / 100.0) if h.lo < 0 else h.lo
         hi = self._quantile(self.p / 100.0) if h.hi > 0 else h.hi
@@ -246,7 +251,7 @@ class Mse(_HistogramObserver):
 
 
 def expected_error(x: np.ndarray, weights: np.ndarray, lo: float, hi: float, levels: int = 255) -> float:
-    """Summed squared error of quantizing values ``x`` (with multiplicities ``weights``) to ``levels`` steps over [lo, hi]."""
+    """Summed squared error of quantizing ``x`` (multiplicities ``weights``) to ``levels`` steps over [lo, hi]."""
     step = (hi - lo) / levels
     if step <= 0:
         return float(np.dot(weights, x * x))

@@ -98,7 +98,8 @@ def apply(scheme, model: ir.Model, ctx: QuantContext, placement: Placement | Non
     kept_float: set[int] = set()  # layers left in float read float inputs (see _insert_qdq)
     convs = 0
     # the stem rule is for deep image models: at most a tenth of the convs stay float
-    stem = min(placement.float_stem, sum(1 for n in graph if (t := _target(n)) is not None and t.kind == "conv") // 10)
+    all_convs = sum(1 for n in graph if n.op_type == "Conv" and _target(n) is not None)
+    stem = min(placement.float_stem, all_convs // 10)
     for node in graph:
         target = _target(node)
         if target is None:
@@ -115,6 +116,7 @@ def apply(scheme, model: ir.Model, ctx: QuantContext, placement: Placement | Non
             continue
         records.append(_record(target, "float32", note))
         kept_float.add(id(node))
+    records += _embedding_tables(model, scheme, ctx)
     if not targets:
         return records
     plan = _plan(graph, targets, placement)
@@ -161,6 +163,20 @@ def _smooth(model: ir.Model, scheme, ctx: QuantContext, alpha: float) -> None:
         group.scales = np.clip(s, 1e-2, 1e2).astype(np.float32)
         group.alpha = alpha
         awq.scale_group(model.graph, group)
+
+
+def _embedding_tables(model: ir.Model, scheme, ctx: QuantContext) -> list[LayerRecord]:
+    """Gather tables (token embeddings) as 8-bit weight-only, per row: a lookup has no activation to quantize."""
+    from passes.quantize import weight_only
+    from passes.quantize.schemes import WeightOnly8
+
+    records = []
+    for use in weight_only.find_weights(model, kinds=("gather",)):
+        record = weight_only.quantize_use(model, use, WeightOnly8(), ctx, weight_only.round_to_nearest)
+        if record.scheme != "float32":
+            record.scheme, record.note = scheme.spec(), "embedding table: 8-bit weight-only per row"
+        records.append(record)
+    return records
 
 
 # --- which values get a Q/DQ pair -------------------------------------------------------------

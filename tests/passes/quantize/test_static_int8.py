@@ -156,8 +156,8 @@ def test_tiny_conv_matches_the_numpy_reference(tiny):
 def test_int8_weight_storage_and_7bit_options(tiny):
     text, _, feeds = tiny
     model = model_from_text(text)
-    static_int8.apply(parse_scheme("int8"), model, QuantContext(spec=None, calibration=CalibrationSet.from_feeds(feeds)),
-                      static_int8.Placement(weight_storage="int8", reduce_range=True))
+    ctx = QuantContext(spec=None, calibration=CalibrationSet.from_feeds(feeds))
+    static_int8.apply(parse_scheme("int8"), model, ctx, static_int8.Placement(weight_storage="int8", reduce_range=True))
     w = _initializer(model, "w1_quantized")
     assert w.dtype == np.int8 and np.abs(w).max() == 63
     assert "w1_zero" not in model.graph.initializers
@@ -215,8 +215,9 @@ def test_a_layer_kept_float_between_quantized_ones_stays_float(tmp_path):
     assert conv_b.inputs[0].producer().op_type == "Relu"  # the float value, not a DequantizeLinear
     _session(model, optimized_path=tmp_path / "ort.onnx")
     optimized = onnx.load(str(tmp_path / "ort.onnx"))
-    readers = [n for n in optimized.graph.node if "wb" in n.input]
-    assert [n.op_type for n in readers] == ["Conv"], [n.op_type for n in readers]  # float weights, float conv
+    readers = [(n.op_type, n.domain) for n in optimized.graph.node if "ra" in n.input]
+    assert readers in ([("Conv", "")], [("Conv", "com.microsoft.nchwc")]), readers  # a float conv
+    assert not [t.name for t in optimized.graph.initializer if "weight_scale" in t.name]  # nothing requantized
 
 
 # --- EfficientNet-Lite0 -----------------------------------------------------------------------
@@ -290,9 +291,9 @@ def minilm(tmp_path_factory):
 
 def test_minilm_int8_keeps_sentence_embeddings(minilm, tmp_path):
     model = ir.load(minilm)
-    calibration = CalibrationSet.from_feeds(text_data.feeds(64, batch=16, seq=32))
+    calibration = CalibrationSet.from_feeds(text_data.feeds(32, batch=16, seq=32))
     records = static_int8.apply(parse_scheme("int8"), model, QuantContext(spec=None, calibration=calibration))
-    assert Counter((r.op, r.scheme) for r in records) == {("MatMul", "int8"): 36}
+    assert Counter((r.op, r.scheme) for r in records) == {("MatMul", "int8"): 36, ("Gather", "int8"): 3}
     path = tmp_path / "int8.onnx"
     ir.save(model, path)
     evaluation = text_data.feeds(256, batch=16, seq=32, start=text_data.HELD_OUT)
@@ -303,6 +304,7 @@ def test_minilm_int8_keeps_sentence_embeddings(minilm, tmp_path):
     # every weight matmul runs on integers; attention's activation x activation matmuls stay float
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node)
     assert ops["MatMulIntegerToFloat"] == 36, ops
+    assert path.stat().st_size <= 0.3 * minilm.stat().st_size
 
 
 # --- end to end -------------------------------------------------------------------------------
