@@ -60,6 +60,11 @@ class Histogram:
             self.width = (max(hi, 0.0) - min(lo, 0.0)) / (self.max_bins - 2)
             self.start = int(np.floor(min(lo, 0.0) / self.width))
             self.counts = np.zeros(1, dtype=np.int64)
+        # coarsen first while the span in bins is too wide (bin indices of far values would overflow int64)
+        span_lo = min(lo, 0.0, self.start * self.width)
+        span_hi = max(hi, 0.0, (self.start + len(self.counts)) * self.width)
+        while (span_hi - span_lo) / self.width > 2 * self.max_bins:
+            self._coarsen()
         self._cover(int(self._bins(np.float32([lo]))[0]), int(self._bins(np.float32([hi]))[0]))
         idx = self._bins(x)
         idx -= self.start
