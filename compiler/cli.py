@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights inside lib.so (default) or in a params/ tensor cache beside it")
     b.add_argument("--tune-trials", type=int, metavar="N", help="MetaSchedule trials for the slowest kernels (default 0)")
     b.add_argument("--tuning-db", metavar="DIR", help="keep MetaSchedule records in DIR and reuse them across compiles")
+    b.add_argument("--static-dim", action="append", default=[], metavar="NAME=N",
+                   help="fix a symbolic dim (e.g. batch=1) so its kernels can be tuned")
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("run", parents=[common], help="run an artifact (or an .onnx model) on this host")
@@ -179,7 +181,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _emit_options(args: argparse.Namespace) -> dict:
     """Backend options given on the command line (only the ones set)."""
-    given = {"params": args.params, "tune_trials": args.tune_trials, "tuning_db": args.tuning_db}
+    given = {"params": args.params, "tune_trials": args.tune_trials, "tuning_db": args.tuning_db,
+             "static_dims": _parse_dims(args.static_dim) or None}
     options = {k: v for k, v in given.items() if v is not None}
     if options and args.emit != "tvm":
         flags = ", ".join("--" + k.replace("_", "-") for k in options)

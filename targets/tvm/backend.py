@@ -26,6 +26,7 @@ EMIT_OPTIONS = {
     "tune_tasks": "tune only the N kernels that take the most time (default 8)",
     "schedule": "default (kiln's CPU schedule) or none (TVM's unscheduled kernels)",
     "quiet": "no progress bar while tuning",
+    "static_dims": "{name: size} fixing symbolic dims (e.g. batch=1): what MetaSchedule needs to tune those kernels",
 }
 
 
@@ -46,6 +47,10 @@ def _options(options: dict[str, Any] | None) -> dict[str, Any]:
     if schedule not in ("default", "none"):
         raise KilnError(f"schedule={schedule!r}: expected default or none")
     opts["schedule"] = schedule
+    dims = opts.get("static_dims") or {}
+    if not isinstance(dims, dict) or not all(isinstance(k, str) and isinstance(v, int) and v > 0 for k, v in dims.items()):
+        raise KilnError("static_dims must map dim names to positive sizes, e.g. {'batch': 1}")
+    opts["static_dims"] = dict(dims)
     return opts
 
 
@@ -57,7 +62,7 @@ def emit(model: ir.Model, spec: Any, out_dir: Path, options: dict[str, Any] | No
     external = opts["params"] == "external"
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    lowered = lower.lower(model)
+    lowered = lower.lower(model, static_dims=opts["static_dims"])
     timings["lower"] = time.perf_counter() - start
     target = build.make_target(spec)
     n_inputs = len(lowered.inputs)
@@ -112,6 +117,8 @@ def emit(model: ir.Model, spec: Any, out_dir: Path, options: dict[str, Any] | No
         "params": param_info,
         "schedule": schedule_used,
     }
+    if opts["static_dims"]:
+        extra["static_dims"] = opts["static_dims"]
     if lowered.quant.storage:
         extra["quantized"] = lowered.quant.to_json()
     if tuning is not None:
@@ -174,6 +181,9 @@ def _foreign(manifest: dict[str, Any]) -> bool:
 
 def cannot_verify(artifact_dir: Path, manifest: dict[str, Any]) -> str | None:
     """Why the driver cannot run this artifact to check it (None: ``load`` will run it, emulated if need be)."""
+    fixed = {k: v for k, v in manifest.get("backend", {}).get("static_dims", {}).items() if v != 1}
+    if fixed:  # the driver's random inputs give every symbolic dim the size 1
+        return "static dims " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + " differ from the check's size 1"
     why = _host_problem(manifest)
     if why is None or manifest["target"]["device"] != "cpu" or not _foreign(manifest):
         return why

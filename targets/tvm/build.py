@@ -34,7 +34,8 @@ def make_target(spec: Any, llvm_overrides: Mapping[str, Any] | None = None) -> A
 
 
 def lift_param_transforms(mod: Any, target: Any, n_inputs: int, names: list[str],
-                          arrays: Mapping[str, np.ndarray], *, channels_last: bool) -> tuple[Any, list[str], list[np.ndarray]]:
+                          arrays: Mapping[str, np.ndarray], *, channels_last: bool,
+                          keep: int | None = None) -> tuple[Any, list[str], list[np.ndarray]]:
     """Compute everything that depends on the weights alone once, here, instead of in the artifact.
 
     ``main(inputs..., weights...)`` becomes ``main(inputs..., prepared...)``: TVM's
@@ -42,11 +43,16 @@ def lift_param_transforms(mod: Any, target: Any, n_inputs: int, names: list[str]
     layout of convolution kernels, Gemm's transB) into ``main_transform_params``,
     which is built for this host, run on the weights and dropped. Returns the new
     module, the prepared params' names and values (names of untouched weights are kept).
+    The first ``keep`` weights (kiln's packed quantized storage; by default the count ``lower.lower``
+    recorded in the module) are left as they are: what is computed from them (dequantization) must
+    stay in the artifact, at run time.
     """
     tvm = _env.tvm()
     from tvm import relax
 
-    main = mod["main"].with_attr("num_input", n_inputs)
+    if keep is None:  # recorded by lower.lower
+        keep = int(mod.attrs["kiln.packed_params"]) if mod.attrs and "kiln.packed_params" in mod.attrs else 0
+    main = mod["main"].with_attr("num_input", n_inputs + keep)  # LiftTransformParams lifts what follows
     mod.update_func(mod.get_global_var("main"), main)
     if channels_last and _has_conv2d(mod):
         # convolutions in NHWC with HWIO kernels: the CPU schedule vectorizes along output channels,
@@ -60,19 +66,23 @@ def lift_param_transforms(mod: Any, target: Any, n_inputs: int, names: list[str]
     with target:
         mod = relax.transform.LiftTransformParams()(mod)
     main = mod["main"]
-    prepared = [str(p.name) for p in main.params[n_inputs:]]
+    kept = names[:keep]
+    prepared = [str(p.name) for p in main.params[n_inputs + keep :]]
     if "main_transform_params" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, names, [arrays[n] for n in names]
     transform = mod["main_transform_params"]
     mod = _without(mod, "main_transform_params")
     host = tvm.target.Target({"kind": "llvm", "opt-level": 1})  # weight copies: fast to compile matters more
-    executable = tvm.compile(tvm.IRModule({"main_transform_params": transform}), host)
+    helpers = {gv: f for gv, f in mod.functions_items() if not isinstance(f, relax.Function)}
+    transform_mod = tvm.IRModule(helpers)  # the kernels the transform may call (emit_te ops on weights)
+    transform_mod["main_transform_params"] = transform
+    executable = tvm.compile(transform_mod, host)
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    outputs = vm["main_transform_params"]([tvm.runtime.tensor(arrays[n]) for n in names])
+    outputs = vm["main_transform_params"]([tvm.runtime.tensor(arrays[n]) for n in names[keep:]])
     values = [np.asarray(t.numpy()) for t in outputs]
     if len(values) != len(prepared):
         raise RuntimeError(f"main takes {len(prepared)} prepared params, the transform made {len(values)}")
-    return mod, _unique(prepared), values
+    return mod, _unique(kept + prepared), [arrays[n] for n in kept] + values
 
 
 def _has_conv2d(mod: Any) -> bool:

@@ -16,6 +16,14 @@ Steps, on a copy of the IR (the caller's model is never edited):
    shape, and later Shape/Gather chains and LegalizeOps then fail. kiln
    match-casts such operands to the dims of the first one (checked at run
    time), and gives any tensor that still has no shape fresh symbolic dims.
+   ``Range(0, <a dim of a shape>, 1)`` becomes an arange of that symbolic dim
+   (the frontend's data-dependent length ends up defined after its first use
+   once FuseOps reorders kernels), and Clip with constant bounds one clip
+   (instead of scalar NaN guards constant folding would build one by one).
+
+ConstantOfShape fills of a constant shape (the zoo's weight fills) become
+initializers first: numpy fills them at once where TVM would fold each with a
+compiled kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ _BROADCAST = frozenset({
     "And", "Or", "Xor", "Max", "Min", "Mod", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "PRelu", "Sum", "Mean",
 })  # fmt: skip
 KILN_OPS = ("QMatMul", "QGather", "QDequantize")
+#: IRModule attribute: the number of packed-storage params right after main's inputs
+PACKED_ATTR = "kiln.packed_params"
 
 
 @dataclasses.dataclass
@@ -50,15 +60,21 @@ class Lowered:
 
     mod: Any  # tvm.IRModule
     inputs: list[str]  # the model's input names, in main's order
-    params: list[str]  # the lifted weights, after the inputs, in main's order
+    params: list[str]  # the lifted weights, after the inputs, in main's order (packed storage first)
     arrays: dict[str, np.ndarray]  # name -> value of every lifted weight
     quant: quant.QuantPlan
 
 
-def lower(model: ir.Model) -> Lowered:
-    """Lower ``model`` (not edited) to Relax; weights lifted as described in the module docstring."""
+def lower(model: ir.Model, static_dims: dict[str, int] | None = None) -> Lowered:
+    """Lower ``model`` (not edited) to Relax; weights lifted as described in the module docstring.
+
+    ``static_dims`` ({"batch": 1}) fixes symbolic input dims by name before import, so every kernel
+    has static shapes (what MetaSchedule can tune).
+    """
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     graph = copy.graph
+    if static_dims:
+        _fix_dims(graph, static_dims)
     # inputs that are also initializers are overridable weights (old exporters list every weight): kiln
     # treats them as weights, so main's inputs are the data inputs (as in the artifact's signature)
     for value in [v for v in graph.inputs if v.name in graph.initializers]:
@@ -68,7 +84,9 @@ def lower(model: ir.Model) -> Lowered:
     inputs = [v.name for v in graph.inputs]
     storage = set(plan.storage)
     arrays: dict[str, np.ndarray] = {}
-    for name, value in list(copy.graph.initializers.items()):
+    # packed storage first: the builder keeps it as is (read at run time by kiln's kernels)
+    ordered = sorted(copy.graph.initializers.items(), key=lambda item: item[0] not in storage)
+    for name, value in ordered:
         tensor = value.const_value
         lift = name in storage or (
             tensor is not None and tensor.dtype in _LIFTABLE and tensor.nbytes >= MIN_PARAM_BYTES
@@ -83,7 +101,31 @@ def lower(model: ir.Model) -> Lowered:
         copy.graph.inputs.append(value)
     proto = ir.serde.serialize_model(copy)
     mod = _import(proto)
+    # how many leading params are packed storage (build.lift_param_transforms leaves them as they are)
+    mod = mod.with_attr(PACKED_ATTR, len(plan.storage))
     return Lowered(mod, inputs, list(arrays), arrays, plan)
+
+
+def _fix_dims(graph: ir.Graph, dims: dict[str, int]) -> None:
+    found = set()
+    for value in graph.inputs:
+        if value.shape is None:
+            continue
+        new = []
+        for d in value.shape:
+            name = getattr(d, "value", None) if not isinstance(d, int) else None
+            if isinstance(name, str) and name in dims:
+                found.add(name)
+                new.append(dims[name])
+            else:
+                new.append(d)
+        value.shape = ir.Shape(new)
+    unknown = sorted(set(dims) - found)
+    if unknown:
+        known = sorted({d.value for v in graph.inputs if v.shape is not None for d in v.shape
+                        if not isinstance(d, int) and isinstance(getattr(d, "value", None), str)})
+        raise UnsupportedError(f"static dims {', '.join(unknown)} are not symbolic dims of the model's inputs",
+                               hint=f"its symbolic dims: {', '.join(known) or 'none'}")
 
 
 def _materialize_fills(graph: ir.Graph) -> None:

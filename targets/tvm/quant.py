@@ -8,10 +8,11 @@ constant folding expands back into a float32 weight. Instead, before the
 frontend runs, this module rewrites the IR copy it is given:
 
 - ``DequantizeLinear -> MatMul`` (weight as B, 2-D) and ``-> Gemm`` (B, any
-  ``transB``) become ``kiln.tvm::QMatMul(x, codes, scale[, zero])``: codes laid
-  out [N, K] (K contiguous), 4-bit codes packed two per byte (element 2i in the
-  low nibble, signed codes stored offset by 8), scales and zero points [N, G]
-  for G groups of ``group`` along K. The kernel dequantizes inside the matmul's
+  ``transB``) become ``kiln.tvm::QMatMul(x, codes, scale[, zero])``: 4-bit codes
+  packed two per byte along K (element 2i in the low nibble, signed codes
+  stored offset by 8), laid out [K/2, N] with N contiguous, scales and zero
+  points [G, N] for G groups of ``group`` along K: the kernel's vector axis is
+  N, so every load is contiguous. The kernel dequantizes inside the matmul's
   reduction (``quant_kernels.qmatmul``), so the weight never exists in float.
   Gemm's alpha and C become a Mul and an Add after it.
 - ``DequantizeLinear -> Gather`` (embedding tables, axis 0) becomes
@@ -173,7 +174,7 @@ def _rewrite_matmul(graph, w: _Weight, node: ir.Node, index: int, storage, plan:
     if layout is None:
         return False
     codes, scale, zero, group = layout
-    packed = _storage(graph, w, "nk", codes, scale, zero, storage, plan)
+    packed = _storage(graph, w, "kn", codes, scale, zero, storage, plan, k_major=True)
     n, k = codes.shape
     attrs = [ir.AttrInt64("bits", w.bits), ir.AttrInt64("signed", int(w.signed)), ir.AttrInt64("group", group),
              ir.AttrInt64("k", k), ir.AttrInt64("n", n)]
@@ -270,15 +271,23 @@ def unpack_codes(packed: np.ndarray, bits: int, signed: bool, cols: int) -> np.n
 
 
 def _storage(graph, w: _Weight, layout: str, codes, scale, zero, storage, plan: QuantPlan,
-             keep_shapes: bool = False) -> list[ir.Value]:
+             keep_shapes: bool = False, k_major: bool = False) -> list[ir.Value]:
+    """Packed codes [R, C] (pairs of 4-bit codes along C), scale and zero [R, G]; ``k_major`` stores
+    the transposes instead ([C/2, R], [G, R]): a matmul kernel then reads along N, its vector axis."""
     key = (w.name, layout)
     if key in storage:
         return storage[key]
     base = w.name.removesuffix("_quantized")
-    values = [_initializer(graph, f"{base}.q{w.bits}", pack_codes(codes, w.bits, w.signed))]
+    packed = pack_codes(codes, w.bits, w.signed)
+    zero = None if zero is None else zero.astype(np.int8 if w.signed else np.uint8)
+    if k_major:
+        packed, scale = packed.T, scale.T
+        zero = None if zero is None else zero.T
+        base = f"{base}.kn"
+    values = [_initializer(graph, f"{base}.q{w.bits}", np.ascontiguousarray(packed))]
     values.append(_initializer(graph, f"{base}.scale", np.ascontiguousarray(scale)))
     if zero is not None:
-        values.append(_initializer(graph, f"{base}.zero", np.ascontiguousarray(zero.astype(np.int8 if w.signed else np.uint8))))
+        values.append(_initializer(graph, f"{base}.zero", np.ascontiguousarray(zero)))
     for v in values:
         plan.storage.append(v.name)
         plan.packed_bytes += v.const_value.nbytes

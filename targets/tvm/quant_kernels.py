@@ -27,8 +27,21 @@ def _weight(codes, scale, zero, row, col, group: int, bits: int, signed: bool, d
     return q.astype(dtype) * scale[row, g].astype(dtype)
 
 
+def _weight_kn(codes, scale, zero, kk, nn, group: int, bits: int, signed: bool, dtype: str) -> Any:
+    """W[kk, nn] from K-major storage: codes [K/2, N] (4-bit pairs along K) or [K, N], scale/zero [K/group, N]."""
+    if bits == 8:
+        q = codes[kk, nn].astype("int32")
+    else:
+        nibble = (codes[kk // 2, nn].astype("int32") >> ((kk % 2) * 4)) & 15
+        q = nibble - 8 if signed else nibble
+    g = kk // group
+    if zero is not None:
+        q = q - zero[g, nn].astype("int32")
+    return q.astype(dtype) * scale[g, nn].astype(dtype)
+
+
 def qmatmul(x, codes, scale, zero=None, *, bits: int, signed: bool, group: int, k: int, n: int):
-    """``x[..., K] @ W[K, N]`` with W stored as codes [N, K], scale/zero [N, K/group]."""
+    """``x[..., K] @ W[K, N]`` with W stored K-major (see `_weight_kn`)."""
     from tvm import te
 
     dtype = x.dtype
@@ -36,7 +49,7 @@ def qmatmul(x, codes, scale, zero=None, *, bits: int, signed: bool, group: int, 
     r = te.reduce_axis((0, k), name="k")
 
     def body(*i):
-        w = _weight(codes, scale, zero, i[-1], r, group, bits, signed, "float32")
+        w = _weight_kn(codes, scale, zero, r, i[-1], group, bits, signed, "float32")
         return te.sum(x[(*i[:-1], r)].astype("float32") * w, axis=r)
 
     out = te.compute([*lead, n], body, name="qmatmul")

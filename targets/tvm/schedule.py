@@ -134,7 +134,10 @@ def _rule_classes() -> dict[str, Any]:
             infos = normalize_prim_func(sch)
             if not infos:
                 return None
-            infos = try_inline_contiguous_spatial(sch, infos)
+            # padding stays its own (cheap, parallel) copy: inlined, it puts a bounds test on every
+            # load of the convolution's inner loop
+            pads = [b for b in infos if b.is_injective() and _is_pad(sch, b)]
+            infos = try_inline_contiguous_spatial(sch, [b for b in infos if b not in pads])
             reductions = [b for b in infos if not b.is_injective()]
             if len(reductions) != 1:
                 return None
@@ -149,7 +152,7 @@ def _rule_classes() -> dict[str, Any]:
                 self._tile(sch, red.block_rv, ns, len(kind) - ns, [b.block_rv for b in epilogue], target)
             else:
                 self._rows(sch, red.block_rv, ns, [b.block_rv for b in epilogue], target)
-            for info in prologue:
+            for info in prologue + pads:
                 Elementwise._one(sch, info.block_rv, target)
             return sch
 
@@ -170,15 +173,23 @@ def _rule_classes() -> dict[str, Any]:
             loops = sch.get_loops(block)
             s_loops, r_loops = loops[:ns], loops[ns:]
             width = lanes(target)
-            cols = VECTORS * width
-            vo, vi = sch.split(s_loops[-1], factors=[None, cols])
-            outer = list(s_loops[:-1])
-            inner_rows = []
+            rows = 1
             if ns >= 2:
                 n_rows = extent(sch, s_loops[-2])
                 # a tile that divides the rows (a partial tile's predicate would block vectorizing)
                 rows = TILE_ROWS if n_rows is None else next(
                     r for r in range(min(TILE_ROWS, n_rows), 0, -1) if n_rows % r == 0)
+            # one row (a matrix-vector product, a token of a decoder): more columns keep the FMA units busy
+            cols = VECTORS * width * (TILE_ROWS if rows == 1 else 1)
+            n_cols = extent(sch, s_loops[-1])
+            if n_cols is not None and n_cols % cols:
+                # whole vectors that divide the columns: a partial tile's predicate scalarizes the loop
+                fits = [c for c in range(cols, width - 1, -width) if n_cols % c == 0]
+                cols = fits[0] if fits else (n_cols if n_cols < width else cols)
+            vo, vi = sch.split(s_loops[-1], factors=[None, cols])
+            outer = list(s_loops[:-1])
+            inner_rows = []
+            if ns >= 2:
                 if rows > 1:
                     uo, ui = sch.split(s_loops[-2], factors=[None, rows])
                     outer = list(s_loops[:-2]) + [uo]
@@ -229,6 +240,12 @@ def _rule_classes() -> dict[str, Any]:
                 if ns:
                     parallel_outer(sch, info.block_rv, ns)
             return sch
+
+    def _is_pad(sch: Any, info: Any) -> bool:
+        try:
+            return bool(info.is_data_pad(sch))
+        except Exception:
+            return False
 
     def _uses(expr: Any, var: Any) -> bool:
         return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr, []))

@@ -60,7 +60,8 @@ def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trial
     os.makedirs(work_dir, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=work_dir, module_equality="structural")
     candidates = _ranked_tasks(mod, target, n_inputs, params)
-    chosen = candidates[: max(tasks, 0)]
+    # the budget bounds the search: fewer tasks, each with a real search, rather than a few trials each
+    chosen = candidates[: max(1, min(tasks, trials // MIN_TRIALS_PER_TASK))] if trials > 0 else candidates[:tasks]
     todo = [t for t in chosen if not database.has_workload(t.dispatched[0])
             or not database.get_top_k(database.commit_workload(t.dispatched[0]), 1)]
     info: dict[str, Any] = {
@@ -76,8 +77,8 @@ def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trial
     if not todo or trials <= 0:
         return database, info
 
-    per_task = max(trials // len(todo), MIN_TRIALS_PER_TASK)
-    contexts = [_context(t, target, work_dir) for t in todo]
+    per_task = max(trials // len(todo), 1)
+    contexts = [_context(t, target, work_dir, per_task) for t in todo]
     bar = Progress("tuning", per_task * len(todo), quiet=quiet)
     callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
     cost_model = "xgb" if _has_xgboost() else "random"
@@ -156,7 +157,7 @@ def _static(func_mod: Any) -> bool:
     return True
 
 
-def _context(task: Any, target: Any, work_dir: str) -> Any:
+def _context(task: Any, target: Any, work_dir: str, trials: int) -> Any:
     """MetaSchedule's design space plus kiln's default CPU schedule for this kernel."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -175,8 +176,13 @@ def _context(task: Any, target: Any, work_dir: str) -> Any:
     space = ms.space_generator.SpaceGeneratorUnion(
         [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(kiln_default)])
     logger = logging.getLogger("kiln.tvm.tune")
+    # the evolutionary search's population scales with the budget (its default of 512 samples costs
+    # more time than a small budget's measurements)
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=min(512, max(64, 4 * trials)), init_min_unmeasured=min(50, max(8, trials)),
+        genetic_num_iters=2 if trials < 128 else 4)
     return ms.TuneContext(mod=task.dispatched[0], target=target, space_generator=space,
-                          search_strategy="evolutionary", task_name=task.task_name, logger=logger,
+                          search_strategy=strategy, task_name=task.task_name, logger=logger,
                           num_threads="physical").clone()
 
 
