@@ -93,6 +93,14 @@ def compile_model(
 
     with artifact_io.staging(out) as tmp:
         model, digest = import_source(source)
+        source_format = "onnx"
+        if isinstance(model, Checkpoint) and getattr(backend, "emit_checkpoint", None) is None:
+            # graph backends (onnx, tvm): the checkpoint becomes the architecture's graph, then the normal pipeline
+            from compiler.importers.checkpoint_graph import build_graph
+
+            say(f"imported {_label(source)}: {model.arch}, {len(model.tensors)} tensors ({model.source_format})")
+            source_format, model = model.source_format, build_graph(model, options.emit)
+            source = model  # the reference for verification is the built graph, serialized before the passes
         if isinstance(model, Checkpoint) and prune is not None:
             raise UnsupportedError("--prune works on graph models; this checkpoint has no graph to prune")
         if isinstance(model, Checkpoint):  # an LLM checkpoint: no graph pipeline, the runtime brings its graph
@@ -148,7 +156,7 @@ def compile_model(
             "kiln_version": compiler.__version__,
             "emit": options.emit,
             "entry": result.entry,
-            "source": {"format": "onnx", "sha256": digest},
+            "source": {"format": source_format, "sha256": digest},
             "target": spec.to_json(),
             "pipeline": {"spec": report.pipeline, "passes": [r.to_json() for r in report.records]},
             "signature": sig_after,
@@ -179,10 +187,14 @@ def _compile_checkpoint(ck: Checkpoint, digest: str, backend: Any, spec: Any, qu
     convert = getattr(backend, "emit_checkpoint", None)
     if convert is None:
         raise UnsupportedError(f"--emit {options.emit} does not take LLM checkpoints yet", hint="use --emit gguf")
-    if options.calibration is not None or options.accuracy_budget or options.keep_float:
-        raise UnsupportedError("--calibration, --accuracy-budget and --keep-float do not apply to checkpoint conversion")
+    calibrates = getattr(backend, "checkpoint_calibration", False)  # gguf: text for an importance matrix
+    if (options.calibration is not None and not calibrates) or options.accuracy_budget or options.keep_float:
+        raise UnsupportedError("--calibration, --accuracy-budget and --keep-float do not apply to checkpoint conversion"
+                               + (f" for --emit {options.emit}" if options.calibration is not None else ""))
     say(f"imported {_label(ck.path)}: {ck.arch}, {len(ck.tensors)} tensors ({ck.source_format})")
-    result, info = convert(ck, spec, tmp, quant.scheme if quant is not None else None, say)
+    calibration = ({"calibration": options.calibration, "quiet": options.quiet}
+                   if options.calibration is not None else {})
+    result, info = convert(ck, spec, tmp, quant.scheme if quant is not None else None, say, **calibration)
     manifest: dict[str, Any] = {
         "schema": artifact_io.SCHEMA_VERSION,
         "kiln_version": compiler.__version__,
@@ -246,10 +258,17 @@ def _reference_for(source: Any, model: ir.Model) -> tuple[Any, str]:
         return None, "the model has random ops; runs cannot be compared"
     if isinstance(source, (str, os.PathLike)):
         return str(source), ""
+    if isinstance(source, ir.Model) and _initializer_bytes(model) > (1 << 31) - 1:  # before serializing it all
+        return None, "the model built in memory is over 2 GB, more than one protobuf holds for the reference run"
     proto = source if isinstance(source, onnx.ModelProto) else ir.to_proto(model)
     if proto.ByteSize() > (1 << 31) - 1:
         return None, "the in-memory model is over 2 GB; compile from a file to verify"
     return proto.SerializeToString(), ""
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    """Initializer bytes from shapes and dtypes (lazily read weights stay unread)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _verify(backend: Any, folder: Path, manifest: dict, reference: Any, sig: dict, seed: int,

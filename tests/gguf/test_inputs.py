@@ -213,11 +213,6 @@ def test_gguf_types_do_not_apply_to_onnx_graphs(tmp_path):
         compiler.compile("examples/models/tiny_cnn.onnx", quantize="q4_k_m", output=tmp_path / "o")
 
 
-def test_checkpoints_do_not_go_to_onnx_yet(tmp_path, checkpoints):
-    with pytest.raises(UnsupportedError, match="--emit onnx does not take LLM checkpoints"):
-        compiler.compile(str(checkpoints("llama")), emit="onnx", output=tmp_path / "o")
-
-
 # --- GGUF files as input ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
