@@ -6,7 +6,8 @@
 ``throughput``: quantization speed (MB of float32 input per second, best of
 ``--repeat`` runs) of kiln's quantizers against the ``gguf`` package's numpy
 quantizers (which cover F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1; its K-quants
-raise NotImplementedError), both single-threaded, and of kiln with its thread pool.
+raise NotImplementedError), both single-threaded (CPU time), and of kiln with its thread
+pool (the converter's default) against the gguf package, both in wall time.
 
 ``rss``: synthesizes a LLaMA-shaped bf16 safetensors checkpoint larger than ``--gb``
 (sparse on disk: zeros, a few random rows), converts it with ``kiln compile --emit gguf
@@ -48,7 +49,8 @@ def _best(fn, repeat: int, clock=time.perf_counter) -> float:
 
 def throughput(mb: float, repeat: int) -> None:
     """Single-threaded figures use CPU time (process_time), which other processes on a shared
-    machine disturb far less than wall time; the pool figure is wall time."""
+    machine disturb far less than wall time. kiln's pool (its default, one thread per usable core)
+    is wall time, against the gguf package's wall time in the same run."""
     import gguf
 
     from targets.gguf import quants as Q
@@ -58,9 +60,11 @@ def throughput(mb: float, repeat: int) -> None:
     x = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
     size = x.nbytes / 1e6
     threads = Q._THREADS
-    print(f"{rows}x{cols} float32 ({size:.1f} MB), best of {repeat}; kiln pool: {threads} threads on "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'type':<6} {'kiln 1 thread':>14} {'gguf package':>13} {'ratio':>6} {'kiln pool (wall)':>17}")
+    print(f"{rows}x{cols} float32 ({size:.1f} MB), best of {repeat}; kiln pool: {threads} threads "
+          f"({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} usable CPUs); "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'type':<6} {'kiln 1 thread':>14} {'gguf package':>13} {'ratio':>6}   "
+          f"{'kiln pool wall':>15} {'gguf wall':>10} {'ratio':>6}")
     cpu = time.process_time
     for name in ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
         slow = name.endswith("_K")
@@ -74,9 +78,12 @@ def throughput(mb: float, repeat: int) -> None:
         if name in GGUF_PACKAGE_TYPES:
             qt = getattr(gguf.GGMLQuantizationType, name)
             theirs = mbytes / _best(lambda: gguf.quants.quantize(data, qt), reps, cpu)
-            print(f"{name:<6} {one:>9.0f} MB/s {theirs:>8.0f} MB/s {one / theirs:>5.2f}x {pool:>12.0f} MB/s")
+            theirs_wall = mbytes / _best(lambda: gguf.quants.quantize(data, qt), reps)
+            print(f"{name:<6} {one:>9.0f} MB/s {theirs:>8.0f} MB/s {one / theirs:>5.2f}x   "
+                  f"{pool:>10.0f} MB/s {theirs_wall:>5.0f} MB/s {pool / theirs_wall:>5.2f}x")
         else:
-            print(f"{name:<6} {one:>9.1f} MB/s {'-':>13} {'-':>6} {pool:>12.1f} MB/s")
+            print(f"{name:<6} {one:>9.1f} MB/s {'-':>13} {'-':>6}   {pool:>10.1f} MB/s {'-':>10} {'-':>6}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 def _llama_shapes(target_gb: float) -> tuple[dict, dict[str, list[int]]]:

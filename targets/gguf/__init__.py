@@ -11,13 +11,14 @@ numpy forward pass of the same weights; ``load`` gives a runner for ``kiln run``
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from compiler.errors import UnsupportedError, VerificationError
+from compiler.errors import KilnError, UnsupportedError, VerificationError
 from compiler.importers.checkpoint import Checkpoint
 from targets.backend import EmitResult
 from targets.gguf import convert, mix
@@ -34,6 +35,9 @@ VERIFY_TOKENS = 16
 TOLERANCE = {"float32": 5e-3, "16-bit": 5e-2, "quantized": 0.25}
 
 __all__ = ["legalize", "emit", "load", "emit_checkpoint", "verify_checkpoint"]
+
+#: the driver passes --calibration to emit_checkpoint: text for an importance matrix (targets.gguf.calibrate)
+checkpoint_calibration = True
 
 
 def legalize(model: Any, spec: Any) -> list[str]:
@@ -61,16 +65,40 @@ def file_type_of(scheme: Any) -> tuple[str | None, bool, str]:
         hint="--emit gguf takes llama.cpp file types: " + ", ".join(list(mix.FTYPES) + list(mix.ALIASES)))
 
 
-def emit_checkpoint(ck: Checkpoint, spec: Any, out_dir: Path, scheme: Any = None,
-                    log: Callable[[str], None] | None = None) -> tuple[EmitResult, dict[str, Any]]:
-    """Write ``model.gguf`` (+ quantization.json when quantized). Returns the emit result and
-    the manifest entries that describe it (signature, quantization)."""
-    ftype, pure, imatrix_path = file_type_of(scheme)
-    imatrix = None
+def _imatrix(ck: Checkpoint, ftype: str | None, imatrix_path: str, calibration: Any, quiet: bool,
+             say: Callable[[str], None]) -> tuple[dict[str, np.ndarray] | None, dict[str, Any] | None]:
+    """(importance per tensor, its description for the report) from an imatrix file or calibration text."""
+    shapes = {t.name: t.shape for t in ck.tensors}
+    if calibration is not None:
+        if imatrix_path:
+            raise KilnError("give either --calibration (text to compute an importance matrix from) or "
+                             "{imatrix=FILE} (llama.cpp's imatrix file), not both")
+        if not isinstance(calibration, (str, os.PathLike)):
+            raise KilnError("--calibration for --emit gguf is a text file (or a folder of .txt files)")
+        if ftype is None or ftype in ("f32", "f16", "bf16", "q8_0"):
+            raise KilnError(f"--calibration computes an importance matrix, which {ftype or 'a float GGUF'} "
+                             "does not use", hint="use it with a 2- to 6-bit type such as q4_k_m")
+        from targets.gguf.calibrate import imatrix_from_text
+        from targets.gguf.imatrix import select
+
+        values, info = imatrix_from_text(ck, calibration, quiet=quiet, log=say)
+        return select(values, shapes, f"--calibration {calibration}"), {"calibration": str(calibration), **info}
     if imatrix_path:
         from targets.gguf.imatrix import load_imatrix
 
-        imatrix = load_imatrix(imatrix_path, {t.name: t.shape for t in ck.tensors})
+        return load_imatrix(imatrix_path, shapes), {"file": imatrix_path}
+    return None, None
+
+
+def emit_checkpoint(ck: Checkpoint, spec: Any, out_dir: Path, scheme: Any = None,
+                    log: Callable[[str], None] | None = None, calibration: Any = None,
+                    quiet: bool | None = None) -> tuple[EmitResult, dict[str, Any]]:
+    """Write ``model.gguf`` (+ quantization.json when quantized). Returns the emit result and
+    the manifest entries that describe it (signature, quantization). ``calibration``: text
+    (a file or a folder of .txt) to compute the importance matrix from."""
+    ftype, pure, imatrix_path = file_type_of(scheme)
+    imatrix, imatrix_info = _imatrix(ck, ftype, imatrix_path, calibration, log is None if quiet is None else quiet,
+                                     log or (lambda _m: None))
     plan = convert.plan(ck, ftype, pure, has_imatrix=imatrix is not None)
     say = log or (lambda _m: None)
     say(f"writing {len(plan.order)} tensors as {ftype or 'their stored types'}: {plan.counts()}")
@@ -90,7 +118,7 @@ def emit_checkpoint(ck: Checkpoint, spec: Any, out_dir: Path, scheme: Any = None
         n_params = sum(int(np.prod(t.shape)) for t in plan.order)
         out_bytes = (out_dir / MODEL_FILE).stat().st_size
         report = {
-            "scheme": scheme.spec(), "llama_file_type": ftype, "pure": pure, "imatrix": imatrix_path or None,
+            "scheme": scheme.spec(), "llama_file_type": ftype, "pure": pure, "imatrix": imatrix_info,
             "bits_per_weight": round(8 * out_bytes / max(1, n_params), 3),
             "size_ratio": round(out_bytes / max(1, sum(t.nbytes_f32 for t in plan.order)), 4),
             "tensors": {t.name: plan.types[t.name] for t in plan.order},

@@ -81,7 +81,11 @@ def _legacy(path: Path) -> dict[str, np.ndarray]:
 def load_imatrix(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """The weights for the tensors of this model that the file covers; a size that does not match a
     tensor's row length is an error (except for token_embd, which llama.cpp skips too)."""
-    values = read_imatrix(path)
+    return select(read_imatrix(path), shapes, f"imatrix {path}")
+
+
+def select(values: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], where: str) -> dict[str, np.ndarray]:
+    """The entries of ``values`` that belong to 2-D tensors of this model, checked against their rows."""
     out = {}
     for name, shape in shapes.items():
         if name not in values or len(shape) < 2:
@@ -90,8 +94,8 @@ def load_imatrix(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> dict[s
         if v.size != shape[-1]:
             if name == "token_embd.weight":
                 continue
-            raise KilnError(f"imatrix {path}: {v.size} values for {name}, whose rows have {shape[-1]}")
+            raise KilnError(f"{where}: {v.size} values for {name}, whose rows have {shape[-1]}")
         if not np.isfinite(v).all():
-            raise KilnError(f"imatrix {path}: non-finite values for {name}")
+            raise KilnError(f"{where}: non-finite values for {name}")
         out[name] = v
     return out

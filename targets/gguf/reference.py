@@ -3,17 +3,23 @@ llama.cpp conventions the file uses (Q/K rows in rotary-pair order for LLaMA,
 GPT-2's fused QKV), so it checks the file rather than restating the converter.
 
 Weights are read from a Checkpoint a layer at a time: the whole model is never in
-memory. Used to verify GGUF artifacts when llama.cpp runs them.
+memory. Used to verify GGUF artifacts when llama.cpp runs them, and (with a ``tap``
+that sees the float32 input of every weight matrix product) to compute importance
+matrices from calibration text (``targets.gguf.calibrate``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from compiler.errors import UnsupportedError
 from compiler.importers.checkpoint import Checkpoint
+
+#: ``tap(weight_name, x)``: called with the float32 (tokens, columns) input of each ``name.weight`` product
+Tap = Callable[[str, np.ndarray], None]
 
 
 def supported(ck: Checkpoint) -> str | None:
@@ -26,12 +32,12 @@ def supported(ck: Checkpoint) -> str | None:
     return None
 
 
-def logits(ck: Checkpoint, tokens: list[int]) -> np.ndarray:
+def logits(ck: Checkpoint, tokens: list[int], tap: Tap | None = None) -> np.ndarray:
     """(len(tokens), vocab) float32 logits; for BERT, (len(tokens), n_embd) hidden states."""
     why = supported(ck)
     if why:
         raise UnsupportedError(why)
-    return {"gpt2": _gpt2, "bert": _bert}.get(ck.arch, _llama)(ck, tokens)
+    return {"gpt2": _gpt2, "bert": _bert}.get(ck.arch, _llama)(ck, tokens, tap)
 
 
 def _w(ck: Checkpoint, name: str) -> np.ndarray | None:
@@ -39,8 +45,11 @@ def _w(ck: Checkpoint, name: str) -> np.ndarray | None:
     return None if t is None else t.load()
 
 
-def _linear(x: np.ndarray, ck: Checkpoint, name: str) -> np.ndarray:
-    y = (x.astype(np.float32) @ _w(ck, f"{name}.weight").T).astype(np.float64)
+def _linear(x: np.ndarray, ck: Checkpoint, name: str, tap: Tap | None = None) -> np.ndarray:
+    x = x.astype(np.float32)
+    if tap is not None:
+        tap(f"{name}.weight", x)
+    y = (x @ _w(ck, f"{name}.weight").T).astype(np.float64)
     b = _w(ck, f"{name}.bias")
     return y + b if b is not None else y
 
@@ -90,7 +99,7 @@ def _rope(x: np.ndarray, pos: np.ndarray, n_rot: int, theta: float, scale: float
     return out
 
 
-def _llama(ck: Checkpoint, tokens: list[int]) -> np.ndarray:
+def _llama(ck: Checkpoint, tokens: list[int], tap: Tap | None = None) -> np.ndarray:
     n_layer = int(ck.get("{arch}.block_count"))
     n_head = int(ck.get("{arch}.attention.head_count"))
     n_kv = int(ck.get("{arch}.attention.head_count_kv", n_head))
@@ -108,22 +117,22 @@ def _llama(ck: Checkpoint, tokens: list[int]) -> np.ndarray:
     for i in range(n_layer):
         p = f"blk.{i}"
         x = _rms(h, _w(ck, f"{p}.attn_norm.weight"), eps)
-        q = _linear(x, ck, f"{p}.attn_q").reshape(T, n_head, head_dim)
-        k = _linear(x, ck, f"{p}.attn_k").reshape(T, n_kv, head_dim)
-        v = _linear(x, ck, f"{p}.attn_v").reshape(T, n_kv, head_dim)
+        q = _linear(x, ck, f"{p}.attn_q", tap).reshape(T, n_head, head_dim)
+        k = _linear(x, ck, f"{p}.attn_k", tap).reshape(T, n_kv, head_dim)
+        v = _linear(x, ck, f"{p}.attn_v", tap).reshape(T, n_kv, head_dim)
         q = _rope(q, pos, n_rot, theta, scale, factors, neox)
         k = _rope(k, pos, n_rot, theta, scale, factors, neox)
-        h = h + _linear(_attend(q, k, v), ck, f"{p}.attn_output")
+        h = h + _linear(_attend(q, k, v), ck, f"{p}.attn_output", tap)
         x = _rms(h, _w(ck, f"{p}.ffn_norm.weight"), eps)
-        gate = _linear(x, ck, f"{p}.ffn_gate")
-        up = _linear(x, ck, f"{p}.ffn_up")
-        h = h + _linear(gate / (1 + np.exp(-gate)) * up, ck, f"{p}.ffn_down")
+        gate = _linear(x, ck, f"{p}.ffn_gate", tap)
+        up = _linear(x, ck, f"{p}.ffn_up", tap)
+        h = h + _linear(gate / (1 + np.exp(-gate)) * up, ck, f"{p}.ffn_down", tap)
     h = _rms(h, _w(ck, "output_norm.weight"), eps)
     out = _w(ck, "output.weight")
     return h.astype(np.float32) @ (out if out is not None else _w(ck, "token_embd.weight")).T
 
 
-def _gpt2(ck: Checkpoint, tokens: list[int]) -> np.ndarray:
+def _gpt2(ck: Checkpoint, tokens: list[int], tap: Tap | None = None) -> np.ndarray:
     n_layer = int(ck.get("gpt2.block_count"))
     n_head = int(ck.get("gpt2.attention.head_count"))
     n_embd = int(ck.get("gpt2.embedding_length"))
@@ -134,19 +143,19 @@ def _gpt2(ck: Checkpoint, tokens: list[int]) -> np.ndarray:
     for i in range(n_layer):
         p = f"blk.{i}"
         x = _layer_norm(h, _w(ck, f"{p}.attn_norm.weight"), _w(ck, f"{p}.attn_norm.bias"), eps)
-        qkv = _linear(x, ck, f"{p}.attn_qkv")
+        qkv = _linear(x, ck, f"{p}.attn_qkv", tap)
         q, k, v = (qkv[:, j * n_embd:(j + 1) * n_embd].reshape(T, n_head, d) for j in range(3))
-        h = h + _linear(_attend(q, k, v), ck, f"{p}.attn_output")
+        h = h + _linear(_attend(q, k, v), ck, f"{p}.attn_output", tap)
         x = _layer_norm(h, _w(ck, f"{p}.ffn_norm.weight"), _w(ck, f"{p}.ffn_norm.bias"), eps)
-        u = _linear(x, ck, f"{p}.ffn_up")
+        u = _linear(x, ck, f"{p}.ffn_up", tap)
         u = 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
-        h = h + _linear(u, ck, f"{p}.ffn_down")
+        h = h + _linear(u, ck, f"{p}.ffn_down", tap)
     h = _layer_norm(h, _w(ck, "output_norm.weight"), _w(ck, "output_norm.bias"), eps)
     out = _w(ck, "output.weight")
     return h.astype(np.float32) @ (out if out is not None else _w(ck, "token_embd.weight")).T
 
 
-def _bert(ck: Checkpoint, tokens: list[int]) -> np.ndarray:
+def _bert(ck: Checkpoint, tokens: list[int], tap: Tap | None = None) -> np.ndarray:
     n_layer = int(ck.get("bert.block_count"))
     n_head = int(ck.get("bert.attention.head_count"))
     n_embd = int(ck.get("bert.embedding_length"))
@@ -161,13 +170,13 @@ def _bert(ck: Checkpoint, tokens: list[int]) -> np.ndarray:
     erf_v = np.vectorize(math.erf)
     for i in range(n_layer):
         p = f"blk.{i}"
-        q = _linear(h, ck, f"{p}.attn_q").reshape(T, n_head, d)
-        k = _linear(h, ck, f"{p}.attn_k").reshape(T, n_head, d)
-        v = _linear(h, ck, f"{p}.attn_v").reshape(T, n_head, d)
-        h = h + _linear(_attend(q, k, v, causal=False), ck, f"{p}.attn_output")
+        q = _linear(h, ck, f"{p}.attn_q", tap).reshape(T, n_head, d)
+        k = _linear(h, ck, f"{p}.attn_k", tap).reshape(T, n_head, d)
+        v = _linear(h, ck, f"{p}.attn_v", tap).reshape(T, n_head, d)
+        h = h + _linear(_attend(q, k, v, causal=False), ck, f"{p}.attn_output", tap)
         h = _layer_norm(h, _w(ck, f"{p}.attn_output_norm.weight"), _w(ck, f"{p}.attn_output_norm.bias"), eps)
-        u = _linear(h, ck, f"{p}.ffn_up")
+        u = _linear(h, ck, f"{p}.ffn_up", tap)
         u = 0.5 * u * (1 + erf_v(u / math.sqrt(2)))
-        h = h + _linear(u, ck, f"{p}.ffn_down")
+        h = h + _linear(u, ck, f"{p}.ffn_down", tap)
         h = _layer_norm(h, _w(ck, f"{p}.layer_output_norm.weight"), _w(ck, f"{p}.layer_output_norm.bias"), eps)
     return h.astype(np.float32)
