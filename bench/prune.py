@@ -3,7 +3,7 @@
 Sections:
 
 - ``size``: each model pruned at 30 % (CNNs ``channels=0.3``; MiniLM and the
-  LLaMA-style decoder ``heads=0.3,ffn=0.3``): parameters and MACs before/after
+  LLaMA-style decoder ``hidden=0.3,heads=0.3,ffn=0.3``): parameters and MACs before/after
   (from ``pruning.json``) and onnxruntime CPU latency of the -O1 model before
   and after pruning (1 intra-op thread, runs interleaved between the two,
   median of ``--runs``). The onnx wheel's light CNNs get seeded weights frozen
@@ -13,8 +13,9 @@ Sections:
   a crop), top-1 agreement with the unpruned model; all-MiniLM-L6-v2 at
   ``heads=0.25,ffn=0.2`` on sentences (``tests/text_data.py``, disjoint
   calibration / evaluation slices), mean-pooled embedding cosine with the
-  unpruned model. Each with plain magnitude pruning (l2) and with
-  ``--prune-recover lstsq``, and with ``criterion=activation`` as well.
+  unpruned model; and MiniLM at the 30 % preset (hidden size too: its norms
+  then average over fewer channels). Each with plain magnitude pruning (l2)
+  and with ``--prune-recover lstsq``, and with ``criterion=activation`` as well.
 
 Run: python bench/prune.py [--sections size,recover] [--runs 30] [--cache DIR] [--models a,b]
 """
@@ -35,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LIGHT = ("resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet")
 MODELS = LIGHT + ("vgg19", "efficientnet_lite0", "minilm", "llama")
+TRANSFORMER_30 = "hidden=0.3,heads=0.3,ffn=0.3"
 
 
 def _source(name: str, cache: Path) -> tuple[Path, str, dict]:
@@ -58,10 +60,10 @@ def _source(name: str, cache: Path) -> tuple[Path, str, dict]:
     if name == "efficientnet_lite0":
         return model_zoo.efficientnet_lite0(cache), "channels=0.3", model_zoo.sample_inputs(name)
     if name == "minilm":
-        return model_zoo.minilm(cache), "heads=0.3,ffn=0.3", model_zoo.sample_inputs(name, batch=1, seq=128)
+        return model_zoo.minilm(cache), TRANSFORMER_30, model_zoo.sample_inputs(name, batch=1, seq=128)
     if name == "llama":
         path = transformer_models.export("llama", opset=model_zoo.OPSET)
-        return path, "heads=0.3,ffn=0.3", transformer_models.make_feeds(1, 128, pad=False)
+        return path, TRANSFORMER_30, transformer_models.make_feeds(1, 128, pad=False)
     raise ValueError(name)
 
 
@@ -99,7 +101,7 @@ def section_size(args) -> None:
 
     spec = resolve_target("x86_64-linux-gnu")
     print(f"\n== size: pruned at 30 % (-O1 before and after), onnxruntime 1 thread, median of {args.runs} interleaved runs")
-    print(f"{'model':<20} {'spec':<18} {'params before':>14} {'after':>12} {'-%':>6} {'MACs -%':>8} "
+    print(f"{'model':<20} {'spec':<30} {'params before':>14} {'after':>12} {'-%':>6} {'MACs -%':>8} "
           f"{'ms before':>10} {'ms after':>9} {'speedup':>8} {'prune s':>8}")
     for name in args.models:
         path, text, feeds = _source(name, args.cache)
@@ -118,7 +120,7 @@ def section_size(args) -> None:
         extra = ""
         if m["non_embedding_params_before"] != m["params_before"]:
             extra = f"  (non-embedding -{100 * (1 - m['non_embedding_params_after'] / m['non_embedding_params_before']):.1f}%)"
-        print(f"{name:<20} {text:<18} {m['params_before']:>14,} {m['params_after']:>12,} {cut:>5.1f}% {macs:>7.1f}% "
+        print(f"{name:<20} {text:<30} {m['params_before']:>14,} {m['params_after']:>12,} {cut:>5.1f}% {macs:>7.1f}% "
               f"{ms[0]:>10.2f} {ms[1]:>9.2f} {ms[0] / ms[1]:>7.2f}x {seconds:>8.1f}{extra}")
 
 
@@ -151,7 +153,7 @@ def section_recover(args) -> None:
     from tests import image_data, model_zoo, text_data
 
     print("\n== recover: plain magnitude pruning vs least-squares reconstruction (--prune-recover lstsq)")
-    print(f"{'model':<20} {'spec':<34} {'recover':<8} {'metric':<16} {'value':>8} {'params -%':>10} {'prune s':>8}")
+    print(f"{'model':<20} {'spec':<52} {'recover':<8} {'metric':<16} {'value':>8} {'params -%':>10} {'prune s':>8}")
 
     # EfficientNet-Lite0, 20 % channels, top-1 agreement on held-out photo crops
     model, _ = import_onnx(str(model_zoo.efficientnet_lite0(args.cache)))
@@ -161,12 +163,14 @@ def section_recover(args) -> None:
     evaluation = image_data.feeds(image_data.evaluation(args.images), batch=8)
     reference = np.concatenate(_outputs(base, evaluation)).argmax(-1)
     for text in ("channels=0.2,criterion=l2", "channels=0.2,criterion=activation"):
+        if args.recover_specs and text not in args.recover_specs:
+            continue
         for recover in (None, "lstsq"):
             needs = recover is not None or "activation" in text
             pruned, report, sec = _prune_copy(base, text, recover, cal if needs else None)
             top1 = float((np.concatenate(_outputs(pruned, evaluation)).argmax(-1) == reference).mean())
             m = report.model
-            print(f"{'efficientnet_lite0':<20} {text:<34} {recover or 'none':<8} {'top-1 agreement':<16} {top1:>8.4f} "
+            print(f"{'efficientnet_lite0':<20} {text:<52} {recover or 'none':<8} {'top-1 agreement':<16} {top1:>8.4f} "
                   f"{100 * (1 - m['params_after'] / m['params_before']):>9.1f}% {sec:>8.1f}")
 
     # all-MiniLM-L6-v2, 25 % heads + 20 % FFN, embedding cosine on held-out sentences
@@ -177,7 +181,10 @@ def section_recover(args) -> None:
     cal = text_data.feeds(args.sentences, batch=16, seq=32, start=0, input_names=names)
     evaluation = text_data.feeds(args.sentences, batch=16, seq=32, start=text_data.HELD_OUT, input_names=names)
     reference = _outputs(base, evaluation)
-    for text in ("heads=0.25,ffn=0.2,criterion=l2", "heads=0.25,ffn=0.2,criterion=activation"):
+    for text in ("heads=0.25,ffn=0.2,criterion=l2", "heads=0.25,ffn=0.2,criterion=activation",
+                 f"{TRANSFORMER_30},criterion=l2", f"{TRANSFORMER_30},criterion=activation"):
+        if args.recover_specs and text not in args.recover_specs:
+            continue
         for recover in (None, "lstsq"):
             needs = recover is not None or "activation" in text
             pruned, report, sec = _prune_copy(base, text, recover, cal if needs else None)
@@ -185,9 +192,8 @@ def section_recover(args) -> None:
             cos = float(np.mean(np.concatenate([text_data.embedding_cosine(r, g, f["attention_mask"])
                                                 for r, g, f in zip(reference, got, evaluation)])))
             m = report.model
-            print(f"{'minilm':<20} {text:<34} {recover or 'none':<8} {'embedding cos':<16} {cos:>8.4f} "
-                  f"{100 * (1 - m['non_embedding_params_after'] / m['non_embedding_params_before']):>9.1f}% {sec:>8.1f}")
-    print("(MiniLM params -% counts the non-embedding parameters)")
+            print(f"{'minilm':<20} {text:<52} {recover or 'none':<8} {'embedding cos':<16} {cos:>8.4f} "
+                  f"{100 * (1 - m['params_after'] / m['params_before']):>9.1f}% {sec:>8.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--images", type=int, default=96, help="calibration and evaluation images each")
     parser.add_argument("--sentences", type=int, default=256, help="calibration and evaluation sentences each")
+    parser.add_argument("--recover-specs", default="", help="';'-separated specs of the recover section (default: all)")
     parser.add_argument("--cache", type=Path, default=None, help="folder for model exports (default: a temp folder)")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
+    args.recover_specs = [t for t in args.recover_specs.split(";") if t]
     args.cache = args.cache or Path(tempfile.mkdtemp(prefix="kiln-prune-bench-"))
     args.cache.mkdir(parents=True, exist_ok=True)
     for section in args.sections.split(","):

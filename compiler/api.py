@@ -111,9 +111,10 @@ def compile(
     ``passes`` (a pipeline string) replaces the ``opt_level`` pipeline when given.
     ``quantize`` names a scheme (``w8``, ``w4{block-size=64}``, ``int8``, ``int8-dynamic``,
     ``fp16``, ``bf16``, ``gptq-w4``, ``awq-w4``); ``calibration`` is a path (.npz, a folder of
-    .npz/.npy, a folder of images), a ``CalibrationSet`` or a list of input dicts;
+    .npz/.npy, a folder of images), a ``CalibrationSet`` or a list of input dicts (for ``emit="gguf"``
+    from an LLM checkpoint: a text file or folder of .txt, from which the importance matrix is computed);
     ``accuracy_budget`` is e.g. ``"cosine>=0.99"``; ``keep_float`` names nodes never quantized.
-    ``prune`` is a structured-pruning spec (``"channels=0.3,heads=0.25,ffn=0.2,criterion=l2"``),
+    ``prune`` is a structured-pruning spec (``"channels=0.3,heads=0.25,ffn=0.2,hidden=0.2,criterion=l2"``),
     applied after the ``opt_level`` pipeline and before quantization; ``prune_recover="lstsq"``
     refits the layers after each cut on ``calibration``.
     Raises a ``compiler.errors.KilnError`` subclass on bad input; nothing is left

@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize", metavar="SCHEME",
                    help="w8, w4, int8, int8-dynamic, fp16, bf16, gptq-w4, awq-w4; options as w4{block-size=64}")
     q.add_argument("--calibration", metavar="PATH",
-                   help=".npz of inputs (samples along axis 0), a folder of .npz/.npy files, or a folder of images")
+                   help=".npz of inputs (samples along axis 0), a folder of .npz/.npy files, or a folder of images; "
+                        "for --emit gguf from an LLM checkpoint: text (a file or folder of .txt) for an importance matrix")
     q.add_argument("--calibration-preprocess", metavar="SPEC",
                    help="image preparation: imagenet|unit|symmetric|raw[,resize=N,crop=N,scale=X,mean=A:B:C,std=A:B:C]")
     q.add_argument("--accuracy-budget", metavar="EXPR",
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", metavar="NODES", default="", help="comma-separated node names never quantized")
     pr = c.add_argument_group("pruning")
     pr.add_argument("--prune", metavar="SPEC",
-                    help="structured pruning, e.g. channels=0.3,heads=0.25,ffn=0.2,criterion=l2 (see README)")
+                    help="structured pruning, e.g. channels=0.3,heads=0.25,ffn=0.2,hidden=0.2,criterion=l2 (see README)")
     pr.add_argument("--prune-recover", metavar="METHOD", help="lstsq: refit the layers after each cut on --calibration")
     b = c.add_argument_group("--emit tvm")
     b.add_argument("--params", choices=["embedded", "external"],

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from passes.prune.groups import Analysis
 from passes.prune.params import Rewriter, find_param
+from passes.prune.restore import fill_values, restore_output
 from passes.prune.shapes import const_ints
 
 
@@ -22,6 +23,7 @@ def apply_selection(model: ir.Model, analysis: Analysis, kept: dict[int, np.ndar
     graph = model.graph
     rw = Rewriter(graph)
     sizes = {sid: len(k) for sid, k in kept.items()}
+    outputs = [(t, fill_values(t, analysis.spaces[t.space].size)) for t in analysis.output_touches if t.space in kept]
 
     # weights: every axis of one input at once
     cuts: dict[tuple[int, int], tuple[ir.Node, int, dict[int, list[int]]]] = {}
@@ -78,6 +80,8 @@ def apply_selection(model: ir.Model, analysis: Analysis, kept: dict[int, np.ndar
     for t in analysis.dim_touches:
         if t.space in kept:
             _set_dim(t.value, t.axis, sizes[t.space] // t.div)
+    for t, fill in outputs:
+        restore_output(model, rw, t, kept[t.space], analysis.spaces[t.space].size, fill)
 
 
 def _slice_grouped(rw: Rewriter, node: ir.Node, index: int, per_group: int, keep: np.ndarray) -> None:

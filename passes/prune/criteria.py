@@ -5,7 +5,9 @@ channels touch, each weight's per-channel figure divided by that weight's mean
 so big and small layers weigh the same:
 
 - ``l1`` / ``l2``: the norm of the output filters, input columns and depthwise
-  filters of the unit's channels;
+  filters of the unit's channels (for the hidden size, every coupled tensor:
+  the norms' scales and biases too, which keep the residual stream's outlier
+  channels);
 - ``bn-gamma``: ``|gamma|`` of the BatchNormalization / InstanceNormalization
   (or constant per-channel multiplier) on the channels; groups without one fall
   back to ``l2`` (the report says so);
@@ -19,6 +21,7 @@ removes ``ratio`` of each partition; ``global`` ranks all partitions of a kind
 by normalized score and cuts at one threshold (at most ``max-ratio`` of any
 partition). Kept counts are rounded to multiples of ``round_to`` channels
 (nearest, never to zero). Units touching a blocked or protected space are kept.
+Groups with grouped convolutions are then chosen exactly (``balance.py``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from passes.prune.balance import balanced_selection
 from passes.prune.groups import Analysis, Group, Touch, Unit
 from passes.prune.options import PruneOptions
 from passes.prune.params import find_param
 
 MAGNITUDE_ROLES = ("out", "in", "dw")
-#: rounds of moving grouped-conv blocks to their mean before falling back to un-pruning only
-BALANCE_ROUNDS = 50
 
 
 def default_round_to(spec: Any) -> int:
@@ -77,10 +79,14 @@ class Selection:
     notes: list[str]
 
 
-def protected_spaces(analysis: Analysis, options: PruneOptions) -> dict[int, str]:
-    """Space id -> why it is protected."""
+def protected_spaces(analysis: Analysis, options: PruneOptions, kinds: dict[int, str] | None = None) -> dict[int, str]:
+    """Space id -> why it is protected. The first / last defaults do not hold for the hidden size (its
+    first layer is the embedding table; its readers and writers are all the transformer's layers)."""
     out: dict[int, str] = {}
+    hidden = {s for g in analysis.groups if kinds and kinds.get(g.id) == "hidden" for s in g.spaces}
     for sid, space in analysis.spaces.items():
+        if sid in hidden:
+            continue
         if options.protect_first and space.first:
             out[sid] = "first layer"
         elif options.protect_last and space.last:
@@ -94,11 +100,13 @@ def protected_spaces(analysis: Analysis, options: PruneOptions) -> dict[int, str
 
 
 def partitions(analysis: Analysis, kinds: dict[int, str], options: PruneOptions, round_to: int) -> list[Partition]:
-    protected = protected_spaces(analysis, options)
+    protected = protected_spaces(analysis, options, kinds)
     out: list[Partition] = []
     for group in analysis.groups:
         kind = kinds[group.id]
         if options.ratio(kind) <= 0:
+            continue
+        if group.soft and kind != "hidden":
             continue
         by_key: dict[tuple, list[Unit]] = {}
         for unit in group.units:
@@ -167,6 +175,8 @@ class Scorer:
             roles = ("in",)
         else:
             roles = MAGNITUDE_ROLES
+        if part.kind == "hidden" and self.criterion in ("l1", "l2"):
+            roles = MAGNITUDE_ROLES + ("gamma", "scale", "other")  # every coupled tensor: norms and biases too
         values = np.zeros(len(part.units))
         for i, unit in enumerate(part.units):
             parts = []
@@ -206,7 +216,7 @@ def _take(norms: np.ndarray, channels: np.ndarray) -> np.ndarray:
 def select(analysis: Analysis, parts: list[Partition], options: PruneOptions) -> Selection:
     notes: list[str] = []
     if options.scope == "global":
-        for kind in ("channels", "heads", "ffn"):
+        for kind in ("channels", "heads", "ffn", "hidden"):
             members = [p for p in parts if p.kind == kind]
             if members:
                 _global_counts(members, options.ratio(kind), options.max_ratio)
@@ -217,11 +227,7 @@ def select(analysis: Analysis, parts: list[Partition], options: PruneOptions) ->
     for p in parts:
         pruned.update(p.pruned)
     if analysis.balances:
-        undone = _balance(analysis, parts, pruned)
-        if undone:
-            notes.append(f"{undone} unit(s) kept to give every group of a grouped convolution as many channels")
-        for p in parts:
-            p.pruned = [u for u in p.pruned if u in pruned]
+        notes.extend(balanced_selection(analysis, parts, pruned))
     removed: dict[int, list[np.ndarray]] = {}
     for p in parts:
         for unit in p.units:
@@ -236,83 +242,6 @@ def select(analysis: Analysis, parts: list[Partition], options: PruneOptions) ->
             raise AssertionError(f"pruning would empty space {sid}")
         kept[sid] = keep
     return Selection(pruned, kept, parts, notes)
-
-
-def _balance(analysis: Analysis, parts: list[Partition], pruned: set[int]) -> int:
-    """Make every grouped conv's groups lose equally many channels: first by moving each constraint's
-    blocks to their mean count (pruning the weakest or keeping the strongest units of a block), then, if
-    that does not settle, by only keeping units until every block is down to the least pruned one."""
-    priority: dict[int, float] = {}
-    units: dict[int, Unit] = {}
-    free: set[int] = set()
-    for p in parts:
-        scores = p.scores if p.scores is not None else np.ones(len(p.units))
-        mean = float(np.mean(scores)) or 1.0
-        for s, u in zip(scores, p.units):
-            priority[u.id] = float(s) / mean
-            units[u.id] = u
-            if u.id not in p.locked:
-                free.add(u.id)
-    by_space: dict[int, list[int]] = {}
-    for uid in free:
-        for sid in units[uid].channels:
-            by_space.setdefault(sid, []).append(uid)
-    start = set(pruned)
-    # per constraint: how many channels of each unit fall in each block, the units per block, the capacity
-    layout: dict[int, tuple[dict[int, np.ndarray], list[list[int]], np.ndarray]] = {}
-    for i, b in enumerate(analysis.balances):
-        block = analysis.spaces[b.space].size // b.blocks
-        per_unit = {uid: np.bincount(units[uid].channels[b.space] // block, minlength=b.blocks)
-                    for uid in by_space.get(b.space, [])}
-        inside = [[uid for uid, c in per_unit.items() if c[g]] for g in range(b.blocks)]
-        cap = np.sum(list(per_unit.values()), axis=0) if per_unit else np.zeros(b.blocks, np.int64)
-        layout[id(b)] = (per_unit, inside, cap)
-
-    def move(b, target_of) -> bool:
-        per_unit, inside, cap = layout[id(b)]
-        counts = np.zeros(b.blocks, dtype=np.int64)
-        for uid, c in per_unit.items():
-            if uid in pruned:
-                counts += c
-        target = target_of(counts, cap)
-        changed = False
-        for g in range(b.blocks):
-            if counts[g] > target:
-                for uid in sorted((u for u in inside[g] if u in pruned), key=lambda u: -priority[u]):
-                    if counts[g] <= target:
-                        break
-                    pruned.discard(uid)
-                    counts -= per_unit[uid]
-                    changed = True
-            elif counts[g] < target:
-                for uid in sorted((u for u in inside[g] if u not in pruned), key=lambda u: priority[u]):
-                    if counts[g] >= target:
-                        break
-                    pruned.add(uid)
-                    counts += per_unit[uid]
-                    changed = True
-        return changed
-
-    def to_mean(counts, cap):
-        return min(int(np.floor(counts.mean())), int(cap.min()))
-
-    # groups never share a constraint: each settles (or falls back) on its own
-    by_group: dict[int, list] = {}
-    space_group = {sid: g.id for g in analysis.groups for sid in g.spaces}
-    for b in analysis.balances:
-        by_group.setdefault(space_group[b.space], []).append(b)
-    for constraints in by_group.values():
-        touched = {uid for b in constraints for uid in by_space.get(b.space, [])}
-        before = pruned & touched
-        for _ in range(BALANCE_ROUNDS):
-            if not any([move(b, to_mean) for b in constraints]):
-                break
-        else:  # no fixed point: back to the ranking's choice
-            pruned.difference_update(touched)
-            pruned.update(before)
-        while any([move(b, lambda counts, cap: int(counts.min())) for b in constraints]):
-            pass  # only un-prunes: terminates
-    return len(start - pruned)
 
 
 def _order(p: Partition) -> list[Unit]:

@@ -21,10 +21,13 @@ embedding columns) through the ops that read it:
 The prunable units are the connected components of the channel-edge graph
 (networkx) over every channel of every space; a *group* is a connected set of
 spaces (a ResNet stage, a DenseNet block, one attention layer's heads, one
-FFN). A space that reaches a graph output, comes from a graph input, or meets
-an op whose channel semantics kiln does not know (LRN, a normalization over
-the channel axis, an unreadable reshape) is *blocked*: no unit touching it is
-pruned, and the group lists why.
+FFN). A space that comes from a graph input, or meets an op whose channel
+semantics kiln does not know (LRN, an unreadable reshape) is *blocked*: no
+unit touching it is pruned, and the group lists why. A LayerNorm / RMSNorm
+over the channel axis or a graph output marks the space *soft* instead: only
+hidden-size pruning (``hidden=``) accepts those (the norm then averages over
+the kept channels; the output is put back to its size, ``restore.py``); for
+every other kind they block.
 
 Weights are recorded as ``Touch``es (this input of this node is sliced along
 this axis as that space is); shape constants that spell a channel or head
@@ -129,6 +132,18 @@ class DimTouch:
 
 
 @dataclasses.dataclass
+class OutputTouch:
+    """A graph output carries ``space`` on ``axis``: pruning that space (the hidden size) puts the output
+    back to its declared size, the pruned positions filled with a constant (``apply.restore_output``)."""
+
+    value: ir.Value
+    axis: int
+    space: int
+    #: the LayerNormalization writing the output, whose bias fills the pruned positions (None: zeros)
+    norm: ir.Node | None = None
+
+
+@dataclasses.dataclass
 class Balance:
     """The ``blocks`` equal consecutive blocks of ``space`` must keep equally many channels (a grouped conv)."""
 
@@ -145,6 +160,11 @@ class Space:
     origin: str
     members: list[tuple[ir.Value, int]] = dataclasses.field(default_factory=list)
     blocked: list[str] = dataclasses.field(default_factory=list)
+    #: reasons only hidden-size pruning accepts (a norm over the channel axis, a graph output); for every
+    #: other kind they block like ``blocked``
+    soft: list[str] = dataclasses.field(default_factory=list)
+    #: a LayerNorm / RMSNorm normalizes over this channel axis (the residual stream of a transformer)
+    normalized: bool = False
     first: bool = False  # written by a layer reading a graph input
     last: bool = False  # written by a layer whose output reaches a graph output (no weighted layer between)
 
@@ -169,6 +189,8 @@ class Group:
     units: list[Unit]
     blocked: list[str]
     layers: list[str]  # names of the layers whose weights it touches
+    soft: list[str] = dataclasses.field(default_factory=list)
+    normalized: bool = False
 
     @property
     def channels(self) -> int:
@@ -186,6 +208,7 @@ class Analysis:
     split_touches: list[SplitTouch]
     dim_touches: list[DimTouch]
     balances: list[Balance] = dataclasses.field(default_factory=list)
+    output_touches: list[OutputTouch] = dataclasses.field(default_factory=list)
 
 
 class _Blocked(Exception):
@@ -219,6 +242,7 @@ class _Builder:
         self.split_touches: list[SplitTouch] = []
         self.dim_touches: list[DimTouch] = []
         self.balances: list[Balance] = []
+        self.output_touches: list[OutputTouch] = []
         self.skip: set[int] = set()
 
     # ------------------------------------------------------------------ spaces
@@ -250,6 +274,8 @@ class _Builder:
         self.parent[b] = a
         sa.members.extend(sb.members)
         sa.blocked.extend(sb.blocked)
+        sa.soft.extend(r for r in sb.soft if r not in sa.soft)
+        sa.normalized |= sb.normalized
         sa.first |= sb.first
         sa.last |= sb.last
         if sb.kind == "heads":
@@ -260,6 +286,12 @@ class _Builder:
         space = self.spaces[self.find(sid)]
         if reason not in space.blocked:
             space.blocked.append(reason)
+
+    def soften(self, sid: int, reason: str, normalized: bool = False) -> None:
+        space = self.spaces[self.find(sid)]
+        if reason not in space.soft:
+            space.soft.append(reason)
+        space.normalized |= normalized
 
     def size(self, sid: int) -> int:
         return self.spaces[self.find(sid)].size
@@ -596,7 +628,7 @@ class _Builder:
                 if d == 1:
                     continue
                 if d == size:
-                    role = "scale" if node.op_type in ("Mul", "Div") and i == 1 else "other"
+                    role = "scale" if node.op_type == "Mul" or (node.op_type == "Div" and i == 1) else "other"
                     self.touches.append(Touch(node, i, j, sid, role))
                     continue
                 raise _Blocked(f"a constant of {d} channels against {size}")
@@ -631,9 +663,26 @@ class _Builder:
         rank = self.rank(node.inputs[0])
         axis = int(node.attributes["axis"].value) if "axis" in node.attributes else -1
         for i, (sid, a) in inputs:
-            if i != 0 or rank is None or a >= axis % rank:
+            if i != 0 or rank is None or a > axis % rank:
                 raise _Blocked("it normalizes over the channel axis")
+            if a == axis % rank:
+                if axis % rank != rank - 1:
+                    raise _Blocked("it normalizes over the channel axis and others")
+                self._norm_params(node, sid)
         self.set_track(node.outputs[0], inputs[0][1][0], inputs[0][1][1], self.dims_of(node.inputs[0]))
+
+    def _norm_params(self, node: ir.Node, sid: int) -> None:
+        """A norm over exactly the channel axis: its scale and bias follow the channels; only hidden-size
+        pruning accepts that its statistics change."""
+        for index in (1, 2):
+            value = node.inputs[index] if len(node.inputs) > index else None
+            if value is None:
+                continue
+            param = find_param(value)
+            if param is None or len(param.shape) != 1 or param.shape[0] != self.size(sid):
+                raise _Blocked("its scale or bias is not a constant vector over the channels")
+            self.touches.append(Touch(node, index, 0, sid, "gamma" if index == 1 else "other"))
+        self.soften(sid, f"{node.op_type} {node.name}: it normalizes over the channel axis", normalized=True)
 
     op_LayerNormalization = _norm_over_last
     op_RMSNormalization = _norm_over_last
@@ -684,6 +733,10 @@ class _Builder:
             if not noop:
                 raise _Blocked("it reduces over every axis")
         if a in axes:
+            if node.op_type == "ReduceMean" and axes == [a] and keep and a == rank - 1:
+                # the statistic of an RMSNorm / a decomposed LayerNorm: the result has no channel axis
+                self.soften(sid, f"ReduceMean {node.name}: it averages over the channel axis", normalized=True)
+                return
             raise _Blocked("it reduces over the channel axis")
         self.set_track(node.outputs[0], sid, a if keep else a - sum(1 for x in axes if x < a))
 
@@ -780,6 +833,8 @@ class _Builder:
         """A constant element of a shape tensor that spells a count of ``sid``; found by walking up from node."""
         value, position = entry.const  # type: ignore[misc]
         for user, idx in value.uses():
+            if entry.use is not None and (user, idx) != entry.use:
+                continue
             if user is node or _feeds(user, node):
                 self.shape_touches.append(ShapeTouch(user, idx, position, sid, div))
 
@@ -792,7 +847,7 @@ class _Builder:
             raise _Blocked("a tracked shape")
         x = node.inputs[0]
         in_dims = self.dims_of(x)
-        entries = resolve_shape(node.inputs[1], self.dims_of)
+        entries = resolve_shape(node.inputs[1], self.dims_of, use=(node, 1))
         if in_dims is None or entries is None:
             raise _Blocked("the reshape target is not readable")
         allowzero = bool(node.attributes["allowzero"].value) if "allowzero" in node.attributes else False
@@ -843,7 +898,7 @@ class _Builder:
             return False
         back = zuses[0][0]
         z_dims = [out[p] for p in perm]
-        back_entries = resolve_shape(back.inputs[1], lambda v: z_dims if v is z else self.dims_of(v))
+        back_entries = resolve_shape(back.inputs[1], lambda v: z_dims if v is z else self.dims_of(v), use=(back, 1))
         c = self.size(sid)
         if back_entries is None:
             return False
@@ -870,7 +925,7 @@ class _Builder:
     def op_Expand(self, node: ir.Node, inputs) -> None:
         (i, (sid, a)), = inputs
         dims = self.dims_of(node.inputs[0])
-        entries = resolve_shape(node.inputs[1], self.dims_of)
+        entries = resolve_shape(node.inputs[1], self.dims_of, use=(node, 1))
         if i != 0 or dims is None or entries is None:
             raise _Blocked("the expand target is not readable")
         r = max(len(dims), len(entries))
@@ -1026,7 +1081,7 @@ class _Builder:
             if a >= len(s) or float(s[a]) != 1.0:
                 raise _Blocked("it scales the channel axis")
         elif sizes is not None and sizes.const_value is not None:
-            entries = resolve_shape(sizes, self.dims_of)
+            entries = resolve_shape(sizes, self.dims_of, use=(node, 3))
             if entries is None or entries[a].dim != self.size(sid):
                 raise _Blocked("it resizes the channel axis")
             self._shape_touch(node, entries[a], sid)
@@ -1044,9 +1099,12 @@ class _Builder:
     # ------------------------------------------------------------------ after the walk
 
     def finish_checks(self) -> None:
-        for value, (sid, _axis) in list(self.track.items()):
+        for value, (sid, axis) in list(self.track.items()):
             if value.is_graph_output():
-                self.block(sid, f"{value.name!r} is a graph output")
+                self.soften(sid, f"{value.name!r} is a graph output")
+                producer = value.producer()
+                norm = producer if producer is not None and producer.op_type == "LayerNormalization" else None
+                self.output_touches.append(OutputTouch(value, axis, sid, norm))
             for user, _ in value.uses():
                 if user.graph is not self.graph:
                     self.block(sid, f"{value.name!r} is read inside a subgraph")
@@ -1090,6 +1148,8 @@ class _Builder:
             t.space = find(t.space)
         for b in self.balances:
             b.space = find(b.space)
+        for t in self.output_touches:
+            t.space = find(t.space)
         self.block_conflicts()
 
         channel_graph = nx.Graph()
@@ -1131,12 +1191,15 @@ class _Builder:
             blocked = [r for s in sids for r in spaces[s].blocked]
             layers = sorted({n for s in sids for n in layer_names.get(s, ())})
             kind = "heads" if any(spaces[s].kind == "heads" for s in sids) else "channels"
-            groups.append(Group(gid, kind, sids, group_units, list(dict.fromkeys(blocked)), layers))
+            soft = list(dict.fromkeys(r for s in sids for r in spaces[s].soft))
+            groups.append(Group(gid, kind, sids, group_units, list(dict.fromkeys(blocked)), layers, soft,
+                                any(spaces[s].normalized for s in sids)))
         groups.sort(key=lambda g: min(g.spaces))
         for i, g in enumerate(groups):
             g.id = i
         return Analysis(spaces, groups, self.touches, self.shape_touches, self.attr_touches,
-                        self.slice_touches, self.split_touches, self.dim_touches, self.balances)
+                        self.slice_touches, self.split_touches, self.dim_touches, self.balances,
+                        self.output_touches)
 
 
 def _unit_key(unit: Unit) -> tuple[int, int]:

@@ -6,6 +6,11 @@ Keys (every one optional, at least one ratio > 0):
   channel group to remove (CNN channels, and linear layers outside transformers);
 - ``heads=R``: share of the attention heads (whole KV groups under GQA);
 - ``ffn=R``: share of the intermediate neurons of transformer feed-forward blocks;
+- ``hidden=R``: share of a transformer's hidden size (the residual stream: embedding
+  columns, every norm's scale and bias, the input rows of the projections reading
+  it and the output columns of those writing it); the norms then average over
+  fewer channels, which ``--prune-recover lstsq`` compensates; a graph output
+  that carries it keeps its size (pruned positions hold the final norm's bias);
 - ``criterion=l1|l2|bn-gamma|activation``: how channels are ranked (default l2);
 - ``scope=local|global``: the ratio per layer group, or one threshold over all
   groups of a kind (default local);
@@ -30,7 +35,7 @@ from compiler.errors import KilnError
 CRITERIA = ("l1", "l2", "bn-gamma", "activation")
 SCOPES = ("local", "global")
 RECOVERY = ("none", "lstsq")
-KEYS = ("channels", "heads", "ffn", "criterion", "scope", "round-to", "protect", "max-ratio")
+KEYS = ("channels", "heads", "ffn", "hidden", "criterion", "scope", "round-to", "protect", "max-ratio")
 
 
 class PruneSpecError(KilnError):
@@ -42,6 +47,7 @@ class PruneOptions:
     channels: float = 0.0
     heads: float = 0.0
     ffn: float = 0.0
+    hidden: float = 0.0
     criterion: str = "l2"
     scope: str = "local"
     #: None: from the target spec
@@ -54,14 +60,14 @@ class PruneOptions:
     recover: str = "none"
 
     def ratio(self, kind: str) -> float:
-        return {"channels": self.channels, "heads": self.heads, "ffn": self.ffn}[kind]
+        return {"channels": self.channels, "heads": self.heads, "ffn": self.ffn, "hidden": self.hidden}[kind]
 
     @property
     def needs_calibration(self) -> bool:
         return self.criterion == "activation" or self.recover != "none"
 
     def spec(self) -> str:
-        parts = [f"{k}={getattr(self, k):g}" for k in ("channels", "heads", "ffn") if getattr(self, k)]
+        parts = [f"{k}={getattr(self, k):g}" for k in ("channels", "heads", "ffn", "hidden") if getattr(self, k)]
         parts.append(f"criterion={self.criterion}")
         if self.scope != "local":
             parts.append(f"scope={self.scope}")
@@ -106,14 +112,14 @@ def parse_prune(text: str, recover: str | None = None) -> PruneOptions:
     if method not in RECOVERY:
         raise PruneSpecError(f"--prune-recover {method!r}: expected one of {', '.join(RECOVERY)}")
     options = PruneOptions(**kwargs, recover=method)  # type: ignore[arg-type]
-    if not (options.channels or options.heads or options.ffn):
-        raise PruneSpecError(f"{where}: nothing to prune: give channels=, heads= or ffn= a ratio above 0",
+    if not (options.channels or options.heads or options.ffn or options.hidden):
+        raise PruneSpecError(f"{where}: nothing to prune: give channels=, heads=, ffn= or hidden= a ratio above 0",
                              hint=_keys_hint())
     return options
 
 
 def _convert(where: str, key: str, value: str) -> object:
-    if key in ("channels", "heads", "ffn", "max-ratio"):
+    if key in ("channels", "heads", "ffn", "hidden", "max-ratio"):
         try:
             ratio = float(value)
         except ValueError:
@@ -143,5 +149,5 @@ def _convert(where: str, key: str, value: str) -> object:
 
 
 def _keys_hint() -> str:
-    return ("keys: channels=R, heads=R, ffn=R (ratios in [0, 1)), criterion=" + "|".join(CRITERIA)
+    return ("keys: channels=R, heads=R, ffn=R, hidden=R (ratios in [0, 1)), criterion=" + "|".join(CRITERIA)
             + ", scope=local|global, round-to=N, protect=first+last+NODE|none, max-ratio=R")

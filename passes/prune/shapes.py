@@ -31,6 +31,9 @@ class Entry:
     const: tuple[ir.Value, int] | None = None
     #: (value, axis) when the element is that value's dim at run time
     ref: tuple[ir.Value, int] | None = None
+    #: (node, input index) that reads the constant on the way to the shape (None: not known); one constant
+    #: may be read twice for different dims (a kv head count and a repeat count both 2)
+    use: tuple[ir.Node, int] | None = None
 
 
 def value_dims(value: ir.Value) -> list[Dim] | None:
@@ -127,20 +130,22 @@ def const_ints(value: ir.Value | None) -> list[int] | None:
     return [int(x) for x in array.reshape(-1)]
 
 
-def resolve_shape(value: ir.Value | None, dims_of: DimsOf, depth: int = 0) -> list[Entry] | None:
-    """The entries of the 1-D integer tensor ``value``, or None when it cannot be read."""
+def resolve_shape(value: ir.Value | None, dims_of: DimsOf, depth: int = 0,
+                  use: tuple[ir.Node, int] | None = None) -> list[Entry] | None:
+    """The entries of the 1-D integer tensor ``value`` (read by input ``use`` = (node, index)), or None when
+    it cannot be read."""
     if value is None or depth > 16:
         return None
     if value.const_value is not None:
         ints = const_ints(value)
-        return None if ints is None else [Entry(x, const=(value, i)) for i, x in enumerate(ints)]
+        return None if ints is None else [Entry(x, const=(value, i), use=use) for i, x in enumerate(ints)]
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
     op = node.op_type
 
     def sub(i: int) -> list[Entry] | None:
-        return resolve_shape(node.inputs[i] if i < len(node.inputs) else None, dims_of, depth + 1)
+        return resolve_shape(node.inputs[i] if i < len(node.inputs) else None, dims_of, depth + 1, (node, i))
 
     if op == "Shape":
         source = node.inputs[0]

@@ -112,6 +112,7 @@ def prune_model(model: ir.Model, spec: Any, options: PruneOptions, calibration: 
     if scorer.fallbacks:
         notes.append(f"criterion bn-gamma: {scorer.fallbacks} partition(s) have no normalization scale; ranked by l2")
     selection = select(analysis, parts, options)
+    notes.extend(selection.notes)
     original = ir.from_proto(ir.to_proto(model)) if options.recover != "none" and selection.kept else None
     apply_selection(model, analysis, selection.kept)
 
@@ -182,7 +183,7 @@ def _activation_norms(model: ir.Model, analysis: Analysis, parts, batches) -> di
 
 def _group_rows(analysis: Analysis, kinds, selection, options: PruneOptions, w_before, w_after, macs_before,
                 macs_after):
-    protected = protected_spaces(analysis, options)
+    protected = protected_spaces(analysis, options, kinds)
     weights_of: dict[int, set[tuple[str, int]]] = {}
     layers_of: dict[int, set[str]] = {}
     for t in analysis.touches:
@@ -202,7 +203,7 @@ def _group_rows(analysis: Analysis, kinds, selection, options: PruneOptions, w_b
         ch_before = sum(analysis.spaces[s].size for s in producer) or sum(analysis.spaces[s].size for s in g.spaces)
         ch_after = sum(len(selection.kept.get(s, range(analysis.spaces[s].size)))
                        for s in (producer or g.spaces))
-        why = list(g.blocked)
+        why = list(g.blocked) + (list(g.soft) if kind != "hidden" else [])
         why += sorted({protected[s] for s in g.spaces if s in protected})
         candidate = any(p.group is g for p in selection.partitions)
         if not candidate:
@@ -224,9 +225,10 @@ def _group_rows(analysis: Analysis, kinds, selection, options: PruneOptions, w_b
             (q, kv), (q2, kv2) = transformer.head_counts(analysis, g), transformer.head_counts(analysis, g, kept_units)
             row.update({"heads_before": q, "heads_after": q2, "kv_heads_before": kv, "kv_heads_after": kv2})
             arch.append({"kind": "heads", "before": (q, kv), "after": (q2, kv2)})
-        elif kind == "ffn":
+        elif kind in ("ffn", "hidden"):
             before, after = transformer.ffn_width(analysis, g, selection.kept)
-            arch.append({"kind": "ffn", "before": before, "after": after})
+            arch.append({"kind": kind, "before": before, "after": after})
+            row.update({"width_before": before, "width_after": after})
         if why:
             row["kept_because"] = why
         rows.append(row)

@@ -12,10 +12,13 @@ and head_dim unchanged, and the dynamic shape computations (``-1`` or
 ``Shape``-derived head counts) follow by themselves; constant head counts in
 Reshape targets are rewritten.
 
-Here: a group is ``heads`` when it contains a head space, ``ffn`` when every
+Here: a group is ``heads`` when it contains a head space, ``hidden`` when a
+LayerNorm / RMSNorm normalizes over its channels
+(the residual stream: embeddings, norms, the projections reading and writing
+it), ``ffn`` when every
 layer it touches is a MatMul / Gemm and the model has attention (the
 intermediate neurons of gate / up / down or fc1 / fc2 projections), otherwise
-``channels``. ``update_metadata`` rewrites head and FFN sizes in the
+``channels``. ``update_metadata`` rewrites head, FFN and hidden sizes in the
 architecture metadata (``compiler/ir/metadata.py``) when it has them.
 """
 
@@ -34,6 +37,7 @@ LINEAR = frozenset({"MatMul", "Gemm"})
 HEAD_KEYS = ("num_attention_heads", "n_head", "head_count", "heads")
 KV_KEYS = ("num_key_value_heads", "n_head_kv", "head_count_kv", "kv_heads")
 FFN_KEYS = ("intermediate_size", "n_inner", "feed_forward_length", "ffn_dim")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "embedding_length", "d_model")
 
 
 def group_kinds(analysis: Analysis) -> dict[int, str]:
@@ -42,6 +46,9 @@ def group_kinds(analysis: Analysis) -> dict[int, str]:
     for g in analysis.groups:
         if g.kind == "heads":
             kinds[g.id] = "heads"
+            continue
+        if g.normalized:
+            kinds[g.id] = "hidden"
             continue
         ops = {t.node.op_type for t in analysis.touches
                if t.space in g.spaces and t.role in ("out", "in", "dw")}
@@ -76,11 +83,14 @@ def update_metadata(model: ir.Model, layers: list[dict[str, Any]]) -> bool:
         return False
     heads = [layer for layer in layers if layer["kind"] == "heads"]
     ffn = [layer for layer in layers if layer["kind"] == "ffn"]
+    hidden = [layer for layer in layers if layer["kind"] == "hidden"]
     if heads:
         _put(arch, HEAD_KEYS, [layer["after"][0] for layer in heads])
         _put(arch, KV_KEYS, [layer["after"][1] for layer in heads])
     if ffn:
         _put(arch, FFN_KEYS, [layer["after"] for layer in ffn])
+    if hidden:
+        _put(arch, HIDDEN_KEYS, [layer["after"] for layer in hidden])
     arch["pruned"] = True
     set_metadata(model, meta)
     return True

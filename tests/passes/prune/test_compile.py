@@ -13,7 +13,7 @@ import compiler
 from compiler.errors import KilnError
 from compiler.ir.metadata import ModelMetadata, get_metadata, set_metadata
 from tests.e2e.conftest import kiln
-from tests.passes.prune import params
+from tests.passes.prune import params, run
 from tests.passes.prune.test_coupling import _attention_model
 from tests.passes.prune.test_criteria import _two_layer
 
@@ -52,6 +52,33 @@ def test_prune_then_quantize_w8_for_onnx(cnn, tmp_path):
     int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert int8 and all(t.dims[0] == 16 for t in int8 if len(t.dims) == 4 and t.dims[1] == 3)
     assert art.run({"x": X})["y"].shape == (1, 4, 6, 6)
+
+
+@pytest.fixture(scope="module")
+def pruned_float(tmp_path_factory):
+    """(model, the pruned float model's output on X from onnxruntime, its parameter count)."""
+    model, _ = _two_layer(np.random.default_rng(30), channels=32, bn=True)
+    art = compiler.compile(model, output=tmp_path_factory.mktemp("float") / "a", prune=PRUNE_SPEC)
+    ref = run(onnx.load(str(art.path / "model.onnx")), {"x": X})["y"]
+    return model, ref, art.manifest["pruning"]["params_after"]
+
+
+PRUNE_SPEC = "channels=0.5,protect=none"
+#: w8 (per-channel symmetric int8 weights): the output may move by a few tenths of a percent of its range
+W8_TOLERANCE = 0.02
+
+
+@pytest.mark.parametrize("emit", ["onnx", "tvm"])
+def test_pruned_and_w8_matches_the_pruned_float_model(pruned_float, emit, tmp_path):
+    model, ref, params_after = pruned_float
+    art = compiler.compile(model, emit=emit, output=tmp_path / emit, prune=PRUNE_SPEC, quantize="w8")
+    assert art.manifest["pruning"]["params_after"] == params_after < params(model)
+    assert art.manifest["quantization"]["scheme"] == "w8"
+    assert art.manifest["verification"]["passed"] is True
+    got = art.run({"x": X})["y"]
+    assert got.shape == ref.shape == (1, 4, 6, 6)
+    error = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert 0 < error <= W8_TOLERANCE, f"{emit}: relative error {error:.2e} against the pruned float model"
 
 
 def test_prune_for_tvm(cnn, tmp_path):

@@ -150,6 +150,7 @@ def test_global_scope_takes_more_from_the_group_with_weak_channels():
     ("channels", "'channels' is not KEY=VALUE"),
     ("criterion=l1", "nothing to prune"),
     ("channels=0.2,channels=0.3", "'channels' is given twice"),
+    ("hidden=1", "hidden=1 must be in [0, 1)"),
 ])
 def test_bad_specs_name_the_bad_part(spec, message):
     with pytest.raises(KilnError) as err:
@@ -158,8 +159,9 @@ def test_bad_specs_name_the_bad_part(spec, message):
 
 
 def test_spec_round_trip():
-    options = parse_prune("channels=0.3,heads=0.25,ffn=0.2,criterion=l2", "lstsq")
-    assert (options.channels, options.heads, options.ffn, options.criterion, options.recover) == (0.3, 0.25, 0.2, "l2", "lstsq")
+    options = parse_prune("channels=0.3,heads=0.25,ffn=0.2,hidden=0.1,criterion=l2", "lstsq")
+    assert (options.channels, options.heads, options.ffn, options.hidden, options.criterion, options.recover) == (
+        0.3, 0.25, 0.2, 0.1, "l2", "lstsq")
     assert parse_prune(options.spec()) == dataclass_replace(options, recover="none")
     with pytest.raises(KilnError, match="--prune-recover 'ridge'"):
         parse_prune("channels=0.3", "ridge")
