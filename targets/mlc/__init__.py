@@ -10,7 +10,9 @@ library serves many weight sets and weights stream in without a copy::
     tokenizer.json ...        LLM packages: the checkpoint's tokenizer files
 
 - ONNX graphs (``emit``): ``main(inputs..., weights...)`` lowered by the TVM
-  backend (``graph``).
+  backend (``graph``), int4 weights in MLC's layout (``graph_kernels``),
+  float16 weights kept float16 (``half_params``).
+- The same module always compiles to the same library bytes (``deterministic``).
 - LLM checkpoints (``emit_checkpoint``; a Hugging Face LLaMA-family folder):
   ``prefill`` / ``decode`` over a KV cache, weights in MLC's quantization
   modes ``q0f32``, ``q0f16``, ``q4f16_1``, ``q4f32_1`` (``llm``, ``modes``).

@@ -5,7 +5,9 @@ weight (a linear layer's [N, K], an embedding's [vocab, dim]); ``cols`` is
 padded with zeros to a whole number of groups. The kernels decode in
 registers: ``w = (code - 7) * scale``; ``kernels.linear`` reduces ``x @ W^T``
 with the weight never materialized in float, ``qtake`` decodes only the rows
-an embedding lookup reads.
+an embedding lookup reads. The bit layout (eight codes per uint32, stored
+``+7``) is the TVM backend's ``words`` layout (``targets.tvm.quant.pack_words``,
+``quant_kernels.word_code``), which graph packages store too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from targets.mlc.modes import Mode
+from targets.tvm.quant import pack_words, unpack_words
 
 
 def groups(cols: int, mode: Mode) -> int:
@@ -31,33 +34,22 @@ def encode(w: np.ndarray, mode: Mode) -> tuple[np.ndarray, np.ndarray]:
     scale = (np.abs(blocks).max(axis=-1) / mode.max_int).astype(mode.model_dtype)
     s32 = scale.astype(np.float32)
     safe = np.where(s32 > 0, s32, 1.0)[..., None]
-    codes = np.clip(np.round(blocks / safe) + mode.max_int, 0, 2 * mode.max_int).astype(np.uint32)
-    codes = codes.reshape(rows, -1, mode.per_storage)
-    shifts = (np.arange(mode.per_storage, dtype=np.uint32) * mode.bits)
-    packed = np.bitwise_or.reduce(codes << shifts, axis=-1).astype(np.uint32)
-    return np.ascontiguousarray(packed), np.ascontiguousarray(scale)
+    codes = np.clip(np.round(blocks / safe), -mode.max_int, mode.max_int).astype(np.int16)
+    return pack_words(codes.reshape(rows, -1)), np.ascontiguousarray(scale)
 
 
 def decode(packed: np.ndarray, scale: np.ndarray, cols: int, mode: Mode) -> np.ndarray:
     """The inverse of ``encode`` as float32 [rows, cols] (the weight the kernels compute with)."""
     rows = packed.shape[0]
-    shifts = (np.arange(mode.per_storage, dtype=np.uint32) * mode.bits)
-    codes = (packed[..., None] >> shifts) & ((1 << mode.bits) - 1)
-    codes = codes.reshape(rows, -1).astype(np.float32) - mode.max_int
+    codes = unpack_words(packed, packed.shape[1] * mode.per_storage).astype(np.float32)
     w = codes.reshape(rows, -1, mode.group_size) * scale.astype(np.float32)[..., None]
     return np.ascontiguousarray(w.reshape(rows, -1)[:, :cols])
 
 
 def _code(q_weight: Any, row: Any, col: Any, mode: Mode) -> Any:
-    word = q_weight[row, col // mode.per_storage]
-    shift = ((col % mode.per_storage) * mode.bits).astype("uint32")
-    return ((word >> shift) & tirx_const((1 << mode.bits) - 1)).astype("int32") - mode.max_int
+    from targets.tvm.quant_kernels import word_code
 
-
-def tirx_const(value: int) -> Any:
-    from tvm import tirx
-
-    return tirx.const(value, "uint32")
+    return word_code(q_weight, row, col)
 
 
 def qtake(q_weight: Any, q_scale: Any, ids: Any, *, dim: int, mode: Mode) -> Any:

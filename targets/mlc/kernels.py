@@ -101,3 +101,59 @@ def linear(n: int, k: int, dtype: str, mode: Mode | None, weight_dtype: str | No
     sch.set_scope(p_block, 0, "local")
     func = sch.mod["main"].without_attr("global_symbol")  # the module names it at each call site
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, "tirx.noalias": True})
+
+
+@functools.cache
+def linear_rows(rank: int, n: int, k: int, mode: Mode, rows_at_once: int = PREFILL_ROWS) -> Any:
+    """``linear`` for x of any rank ([d0, ..., k] -> [d0, ..., n] float32, float32 x, q4 weights), for the
+    TVM backend's ``words`` QMatMul of ONNX graphs (``graph_kernels``): scheduled as ``linear`` schedules
+    its rows, along the last leading dim (the leading dims before it are serial loops inside each task), with
+    the weight rows of each task decoded once into a float scratch first."""
+    from tvm import s_tir, te, tirx
+
+    lanes = mode.group_size
+    lead = [tirx.Var(f"d{i}", "int64") for i in range(rank - 1)]
+    x = te.placeholder((*lead, k), "float32", name="x")
+    g = group_quant.groups(k, mode)
+    qw = te.placeholder((n, g * mode.group_size // mode.per_storage), mode.storage_dtype, name="q_weight")
+    qs = te.placeholder((n, g), mode.model_dtype, name="q_scale")
+
+    def decode(row: Any, col: Any) -> Any:
+        code = group_quant._code(qw, row, col, mode).astype("float32")
+        return code * qs[row, col // mode.group_size].astype("float32")
+
+    # each task decodes its ROWS_PER_TASK weight rows once, for every row of x (graphs run many rows)
+    w = te.compute((n, k), decode, name="decoded")
+    ko = te.reduce_axis((0, k // lanes), name="ko")
+    partial = te.compute(
+        (*lead, n, lanes),
+        lambda *i: te.sum(x[(*i[:-2], ko * lanes + i[-1])] * w[i[-2], ko * lanes + i[-1]], axis=ko),
+        name="partial")
+    ki = te.reduce_axis((0, lanes), name="ki")
+    out = te.compute((*lead, n), lambda *i: te.sum(partial[(*i, ki)], axis=ki), name="out")
+    func = te.create_prim_func([x, qw, qs, out])
+
+    sch = s_tir.Schedule(func)
+    p_block, o_block = sch.get_sblock("partial"), sch.get_sblock("out")
+    loops = sch.get_loops(o_block)
+    outer, i, j = loops[: rank - 2], loops[rank - 2], loops[rank - 1]
+    jo, ji = sch.split(j, [None, ROWS_PER_TASK])
+    io, ii = sch.split(i, [None, rows_at_once])
+    sch.reorder(jo, ji, *outer, io, ii)
+    sch.parallel(jo)
+    sch.compute_at(p_block, io)
+    loops = sch.get_loops(p_block)  # (unit loops are not created)
+    i_loop, l_loop, ko_loop = loops[-3:] if rows_at_once > 1 else (None, *loops[-2:])
+    sch.reorder(*[x for x in (ko_loop, i_loop, l_loop) if x is not None])
+    init = sch.decompose_reduction(p_block, ko_loop)
+    for loop in sch.get_loops(init)[-2 if rows_at_once > 1 else -1:]:
+        sch.unroll(loop)
+    if i_loop is not None:
+        sch.unroll(i_loop)
+    sch.unroll(l_loop)
+    sch.set_scope(p_block, 0, "local")
+    w_block = sch.get_sblock("decoded")
+    sch.compute_at(w_block, jo)
+    sch.vectorize(sch.split(sch.get_loops(w_block)[-1], [None, mode.per_storage])[-1])
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, "tirx.noalias": True})

@@ -11,7 +11,8 @@ library), so one library serves any weight cache with the same shapes.
   layout conversion for convolutions is left out (it rewrites the KV-cache
   calls' variables, which TVM refuses, and LLMs have no convolutions).
 
-Linking is the TVM backend's (``targets.tvm.export``).
+Linking is the TVM backend's (``targets.tvm.export``). The same module gives
+the same ``lib.so`` bytes (``deterministic``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import importlib
 import time
 from pathlib import Path
 from typing import Any
+
+from targets.mlc.deterministic import canonical_shape_funcs
 
 
 def target_of(spec: Any) -> Any:
@@ -38,6 +41,8 @@ def build(mod: Any, spec: Any, out_dir: Path, *, llm: bool = False, n_inputs: in
     timings: dict[str, float] = {}
     target = target_of(spec)
     pipeline = llm_pipeline(target) if llm else tvm_build.relax_pipeline(target, n_inputs=n_inputs, late={})
+    # the same module gives the same lib.so bytes (see ``deterministic``)
+    pipeline = tvm.transform.Sequential([pipeline, canonical_shape_funcs()])
     start = time.perf_counter()
     executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     timings["build"] = time.perf_counter() - start

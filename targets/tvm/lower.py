@@ -65,11 +65,11 @@ class Lowered:
     quant: quant.QuantPlan
 
 
-def lower(model: ir.Model, static_dims: dict[str, int] | None = None) -> Lowered:
+def lower(model: ir.Model, static_dims: dict[str, int] | None = None, *, int4_layout: str = "pairs") -> Lowered:
     """Lower ``model`` (not edited) to Relax; weights lifted as described in the module docstring.
 
     ``static_dims`` ({"batch": 1}) fixes symbolic input dims by name before import, so every kernel
-    has static shapes (what MetaSchedule can tune).
+    has static shapes (what MetaSchedule can tune). ``int4_layout``: how 4-bit weights are stored (``quant.rewrite``).
     """
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     graph = copy.graph
@@ -80,7 +80,7 @@ def lower(model: ir.Model, static_dims: dict[str, int] | None = None) -> Lowered
     for value in [v for v in graph.inputs if v.name in graph.initializers]:
         graph.inputs.remove(value)
     _materialize_fills(graph)
-    plan = quant.rewrite(copy)
+    plan = quant.rewrite(copy, int4_layout=int4_layout)
     inputs = [v.name for v in graph.inputs]
     storage = set(plan.storage)
     arrays: dict[str, np.ndarray] = {}
@@ -316,7 +316,9 @@ def _importer_class() -> type:
                 codes, indices, *rest = inputs
                 return self.bb.emit_te(quant_kernels.qgather, codes, indices, *rest, bits=bits, signed=signed,
                                        group=int(attrs["group"]), rows=int(attrs["rows"]), cols=int(attrs["cols"]),
-                                       dtype=str(rest[0].ty.dtype), primfunc_name_hint="kiln_qgather")
+                                       dtype=(str(ir.DataType(int(attrs["dtype"])).numpy()) if "dtype" in attrs
+                                              else str(rest[0].ty.dtype)),
+                                       primfunc_name_hint="kiln_qgather")
             return self.bb.emit_te(quant_kernels.qdequantize, *inputs, bits=bits, signed=signed,
                                    axis=int(attrs["axis"]), block=int(attrs["block"]),
                                    shape=[int(d) for d in attrs["shape"]], dtype=str(inputs[1].ty.dtype),

@@ -21,6 +21,15 @@ frontend runs, this module rewrites the IR copy it is given:
   the same packed storage, dequantized by a kernel at run time (never folded
   into a float constant).
 
+``int4_layout="words"`` (MLC-LLM's ``q4f16_1`` / ``q4f32_1`` layout, what
+``--emit mlc`` packages store) changes how symmetric 4-bit weights of
+``QMatMul`` and ``QGather`` are stored when their codes lie in [-7, 7] and
+their groups hold whole words: eight codes per uint32 word along K (code
+``i`` of a word at bits ``4i``, stored ``+7``), laid out [N, K/8] with K
+padded to whole groups, scales [N, G] (float16 when that is exact, as for
+``q4f16_1``'s float16 scales; the kernels still compute in float32). The
+kernels tell the layouts apart by the codes' dtype (uint32).
+
 Storage tensors are recorded in ``QuantPlan.storage``: the builder keeps them
 out of constant folding (they are bound into the library after it, or are
 params when ``params=external``).
@@ -108,8 +117,19 @@ def _read(node: ir.Node) -> _Weight:
     return _Weight(node, codes, s, z, axis, block, bits, signed, q.name or node.name)
 
 
-def rewrite(model: ir.Model) -> QuantPlan:
-    """Rewrite every quantized weight of the main graph in place (``model`` is the backend's copy)."""
+#: 4-bit codes per uint32 word and the offset they are stored with, in the ``words`` layout
+PER_WORD = 8
+WORD_OFFSET = 7
+INT4_LAYOUTS = ("pairs", "words")
+
+
+def rewrite(model: ir.Model, int4_layout: str = "pairs") -> QuantPlan:
+    """Rewrite every quantized weight of the main graph in place (``model`` is the backend's copy).
+
+    ``int4_layout``: ``pairs`` (two codes per byte, K-major) or ``words`` (MLC's; see the module docstring)."""
+    if int4_layout not in INT4_LAYOUTS:
+        raise ValueError(f"int4_layout {int4_layout!r}: expected one of {', '.join(INT4_LAYOUTS)}")
+    words = int4_layout == "words"
     plan = QuantPlan()
     graph = model.graph
     storage: dict[tuple[str, str], list[ir.Value]] = {}
@@ -119,7 +139,8 @@ def rewrite(model: ir.Model) -> QuantPlan:
         rest = []
         for use in list(out.uses()):
             node, index = use.node, use.idx
-            if _rewrite_matmul(graph, w, node, index, storage, plan) or _rewrite_gather(graph, w, node, index, storage, plan):
+            if (_rewrite_matmul(graph, w, node, index, storage, plan, words)
+                    or _rewrite_gather(graph, w, node, index, storage, plan, words)):
                 continue
             rest.append(use)
         if rest or out.is_graph_output():
@@ -156,7 +177,8 @@ def _full_zero(w: _Weight, shape: tuple[int, ...]) -> np.ndarray | None:
     return None if w.zero is None else np.full(shape, w.zero.reshape(()), np.int16)
 
 
-def _rewrite_matmul(graph, w: _Weight, node: ir.Node, index: int, storage, plan: QuantPlan) -> bool:
+def _rewrite_matmul(graph, w: _Weight, node: ir.Node, index: int, storage, plan: QuantPlan,
+                    words: bool = False) -> bool:
     if node.domain not in ("", "ai.onnx") or index != 1:
         return False
     if node.op_type == "MatMul":
@@ -174,7 +196,10 @@ def _rewrite_matmul(graph, w: _Weight, node: ir.Node, index: int, storage, plan:
     if layout is None:
         return False
     codes, scale, zero, group = layout
-    packed = _storage(graph, w, "kn", codes, scale, zero, storage, plan, k_major=True)
+    if words and _fits_words(w, codes, zero, group):
+        packed = _word_storage(graph, w, "nk" if trans_b else "kn", codes, scale, group, storage, plan)
+    else:
+        packed = _storage(graph, w, "kn", codes, scale, zero, storage, plan, k_major=True)
     n, k = codes.shape
     attrs = [ir.AttrInt64("bits", w.bits), ir.AttrInt64("signed", int(w.signed)), ir.AttrInt64("group", group),
              ir.AttrInt64("k", k), ir.AttrInt64("n", n)]
@@ -204,7 +229,8 @@ def _rewrite_matmul(graph, w: _Weight, node: ir.Node, index: int, storage, plan:
 # ------------------------------------------------------------------ gather
 
 
-def _rewrite_gather(graph, w: _Weight, node: ir.Node, index: int, storage, plan: QuantPlan) -> bool:
+def _rewrite_gather(graph, w: _Weight, node: ir.Node, index: int, storage, plan: QuantPlan,
+                    words: bool = False) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type != "Gather" or index != 0 or w.q.ndim != 2:
         return False
     if node.attributes.get_int("axis", 0) % 2 != 0:
@@ -218,9 +244,14 @@ def _rewrite_gather(graph, w: _Weight, node: ir.Node, index: int, storage, plan:
         scale, zero, group = w.scale, w.zero, w.block
     else:
         return False
-    packed = _storage(graph, w, "nk", w.q, scale, zero, storage, plan)
     attrs = [ir.AttrInt64("bits", w.bits), ir.AttrInt64("signed", int(w.signed)), ir.AttrInt64("group", group),
              ir.AttrInt64("rows", v), ir.AttrInt64("cols", d)]
+    if words and _fits_words(w, w.q, zero, group):
+        packed = _word_storage(graph, w, "nk", w.q, scale, group, storage, plan)
+        # the rows' dtype (float16 word scales are storage only)
+        attrs.append(ir.AttrInt64("dtype", node.outputs[0].dtype.value))
+    else:
+        packed = _storage(graph, w, "nk", w.q, scale, zero, storage, plan)
     qg = ir.Node(DOMAIN, "QGather", [packed[0], node.inputs[1], *packed[1:]], attrs, name=f"{node.name}_q",
                  num_outputs=1)
     qg.outputs[0].dtype = node.outputs[0].dtype
@@ -268,6 +299,54 @@ def unpack_codes(packed: np.ndarray, bits: int, signed: bool, cols: int) -> np.n
     lo, hi = packed & 15, packed >> 4
     u = np.stack([lo, hi], axis=-1).reshape(packed.shape[:-1] + (-1,))[..., :cols].astype(np.int16)
     return u - 8 if signed else u
+
+
+def pack_words(codes: np.ndarray) -> np.ndarray:
+    """Signed 4-bit codes [R, C] (in [-7, 8]) -> uint32 words [R, ceil(C/8)]: code ``i`` of a word at bits
+    ``4i``, stored ``+7``; a partial last word is filled with zero codes."""
+    u = (np.asarray(codes).astype(np.int32) + WORD_OFFSET).astype(np.uint32)
+    pad = -u.shape[-1] % PER_WORD
+    if pad:
+        u = np.concatenate([u, np.full(u.shape[:-1] + (pad,), WORD_OFFSET, np.uint32)], axis=-1)
+    u = u.reshape(u.shape[:-1] + (-1, PER_WORD))
+    shifts = np.arange(PER_WORD, dtype=np.uint32) * 4
+    return np.ascontiguousarray(np.bitwise_or.reduce(u << shifts, axis=-1).astype(np.uint32))
+
+
+def unpack_words(words: np.ndarray, cols: int) -> np.ndarray:
+    """The inverse of `pack_words`: int16 codes [R, cols]."""
+    shifts = np.arange(PER_WORD, dtype=np.uint32) * 4
+    u = (np.asarray(words)[..., None] >> shifts) & 15
+    return u.reshape(u.shape[:-2] + (-1,))[..., :cols].astype(np.int16) - WORD_OFFSET
+
+
+def _fits_words(w: _Weight, codes: np.ndarray, zero, group: int) -> bool:
+    """Symmetric int4 whose codes the words layout holds, in groups of whole words."""
+    return (w.bits == 4 and w.signed and zero is None and group % PER_WORD == 0
+            and (codes.size == 0 or int(codes.min()) >= -WORD_OFFSET))
+
+
+def _word_storage(graph, w: _Weight, orientation: str, codes: np.ndarray, scale: np.ndarray, group: int,
+                  storage, plan: QuantPlan) -> list[ir.Value]:
+    """uint32 words [R, G*group/8] (C padded to whole groups with zero codes) and scales [R, G];
+    ``orientation``: ``nk`` when ``codes`` is the weight as stored, ``kn`` when it is its transpose."""
+    key = (w.name, f"words-{orientation}")
+    if key in storage:
+        return storage[key]
+    rows, cols = codes.shape
+    padded = np.zeros((rows, scale.shape[1] * group), np.int16)
+    padded[:, :cols] = codes
+    half = scale.astype(np.float16)
+    if scale.dtype != np.float16 and np.array_equal(half.astype(scale.dtype), scale):
+        scale = half  # exactly float16 values (MLC's q4f16_1): stored in 16 bits
+    base = w.name.removesuffix("_quantized")
+    values = [_initializer(graph, f"{base}.q4w", pack_words(padded)),
+              _initializer(graph, f"{base}.scale", np.ascontiguousarray(scale))]
+    for v in values:
+        plan.storage.append(v.name)
+        plan.packed_bytes += v.const_value.nbytes
+    storage[key] = values
+    return values
 
 
 def _storage(graph, w: _Weight, layout: str, codes, scale, zero, storage, plan: QuantPlan,

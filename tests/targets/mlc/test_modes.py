@@ -48,3 +48,19 @@ def test_schemes_map_to_modes():
         mode_of(parse_scheme("w4{block-size=64}"))
     with pytest.raises(UnsupportedError, match="no MLC encoding"):
         mode_of(parse_scheme("int8-dynamic"))
+
+
+def test_graph_words_layout_is_the_llm_layout():
+    """The TVM backend's ``words`` storage (graph packages) packs codes exactly as the LLM encoding does."""
+    from targets.tvm.quant import pack_words, unpack_words
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    packed, scale = group_quant.encode(w, MODES["q4f32_1"])
+    codes = np.clip(np.round(w.reshape(8, 2, 32) / scale[..., None]), -7, 7).reshape(8, 64).astype(np.int16)
+    np.testing.assert_array_equal(pack_words(codes), packed)
+    np.testing.assert_array_equal(unpack_words(packed, 64), codes)
+    # a partial last word is padded with zero codes (stored as 7)
+    odd = pack_words(codes[:, :13])
+    assert odd.shape == (8, 2) and np.all(odd[:, 1] >> 20 == 0x777)
+    np.testing.assert_array_equal(unpack_words(odd, 13), codes[:, :13])
