@@ -109,7 +109,8 @@ Step = Pass | Fixpoint
 _CLEANUP = "eliminate-identity,fold-shapes,fold-constants,cse,eliminate-dead"
 #: Fusions that emit standard ONNX ops only (any runtime, any backend).
 _FUSE_STANDARD = (
-    "simplify-reshape-shape,fuse-pad,fuse-batchnorm,fold-scale-into-weights,fuse-bias,fuse-matmul-add,"
+    "simplify-reshape-shape,simplify-shape-math,"
+    "fuse-pad,fuse-batchnorm,fold-scale-into-weights,fuse-bias,fuse-matmul-add,"
     "simplify-layout,simplify-concat-slice,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention"
 )
 #: onnxruntime contrib forms of norms and activations. They run before the

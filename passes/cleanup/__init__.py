@@ -1,7 +1,8 @@
 """Cleanup passes: the -O1 pipeline.
 
 Importing this package registers eliminate-identity, fold-shapes,
-fold-constants, cse, eliminate-dead, infer-types and simplify-reshape-shape.
+fold-constants, cse, eliminate-dead, infer-types, simplify-reshape-shape and
+simplify-shape-math.
 """
 
 from passes.cleanup import (  # noqa: F401  (registers the passes)
@@ -12,4 +13,5 @@ from passes.cleanup import (  # noqa: F401  (registers the passes)
     fold_shapes,
     infer_types,
     reshape_shape,
+    shape_math,
 )

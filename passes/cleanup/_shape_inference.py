@@ -5,6 +5,11 @@ input or output, never overwrites a known dim, and never fails: when onnx
 cannot infer the model, nothing changes. The model is serialized once, with
 large initializers replaced by external-data stubs so their bytes are not
 copied.
+
+With ``symbolic=True`` onnxruntime's symbolic shape inference runs as well
+(``_symbolic.py``): it solves what onnx leaves open, such as the ``-1`` of
+``Reshape(x, [b, s, -1, 16])`` (the KV-head count of a GQA model) and dims
+named after the graph inputs' symbolic dims (``batch``, ``sequence``).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ _GENERATED_DIM_PREFIX = "unk__"
 Undo = list[tuple[ir.Value, "ir.TypeProtocol | None", "ir.Shape | None"]]
 
 
-def infer_missing_shapes(model: ir.Model, undo: Undo | None = None) -> int:
+def infer_missing_shapes(model: ir.Model, undo: Undo | None = None, *, symbolic: bool = False) -> int:
     """Add inferred shapes/types to intermediate values; the number of values improved.
 
     With ``undo``, each changed value's previous (type, shape) is appended to it,
     so a caller can use the inferred shapes transiently and then put the
-    annotations back (see ``restore``).
+    annotations back (see ``restore``). ``symbolic`` adds onnxruntime's
+    symbolic shape inference (main graph only) after onnx's.
     """
     try:
         proto = _serialize_without_big_tensors(model)
@@ -41,12 +47,40 @@ def infer_missing_shapes(model: ir.Model, undo: Undo | None = None) -> int:
         )
     except Exception as err:  # noqa: BLE001 - inference is best effort
         logger.info("onnx shape inference failed, continuing without it: %s", err)
+        inferred = None
+    improved = 0
+    if inferred is not None:
+        try:
+            improved = _merge_graph(model.graph, inferred.graph, undo)
+        except Exception as err:  # noqa: BLE001 - an unexpected proto layout: keep what was merged
+            logger.info("could not merge inferred shapes: %s", err)
+    if symbolic:
+        from passes.cleanup._symbolic import symbolic_value_infos
+
+        improved += _merge_by_name(model.graph, symbolic_value_infos(proto), undo)
+    return improved
+
+
+def _merge_by_name(graph: ir.Graph, infos: dict[str, onnx.TypeProto], undo: Undo | None) -> int:
+    """Merge value types keyed by name into the outputs of ``graph``'s own nodes."""
+    improved = 0
+    if not infos:
         return 0
-    try:
-        return _merge_graph(model.graph, inferred.graph, undo)
-    except Exception as err:  # noqa: BLE001 - an unexpected proto layout: keep what was merged
-        logger.info("could not merge inferred shapes: %s", err)
-        return 0
+    for node in graph:
+        has_subgraph = any(
+            not a.is_ref() and a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for a in node.attributes.values()
+        )
+        if has_subgraph:
+            continue
+        for output in node.outputs:
+            type_proto = infos.get(output.name or "")
+            if type_proto is None or _graphs.is_user_visible(output):
+                continue
+            if undo is not None:
+                undo.append((output, output.type, output.shape))
+            improved += _merge_value(output, type_proto)
+    return improved
 
 
 def _serialize_without_big_tensors(model: ir.Model) -> onnx.ModelProto:
@@ -133,9 +167,12 @@ def _merge_value(value: ir.Value, type_proto: onnx.TypeProto) -> int:
     if len(value.shape) != len(new_shape):
         return int(improved)
     dims = list(value.shape)
-    for i, (old, new) in enumerate(zip(dims, new_shape)):
+    for i, (old, new) in enumerate(zip(dims, _without_generated_names(new_shape))):
         if not isinstance(old, int) and isinstance(new, int):
             dims[i] = new
+            improved = True
+        elif isinstance(old, ir.SymbolicDim) and old.value is None and isinstance(new, ir.SymbolicDim) and new.value:
+            dims[i] = new  # a named dim (dims with one name are equal) where nothing was known
             improved = True
     if improved:
         value.shape = ir.Shape(dims)

@@ -58,7 +58,7 @@ class FoldShapes(Pass):
         # reject a model it ran before.
         undo: Undo = []
         if self.infer and any(_folded_value(node) is None for _, node in candidates):
-            infer_missing_shapes(model, undo)
+            infer_missing_shapes(model, undo, symbolic=True)
         try:
             return self._fold(model, candidates)
         finally:

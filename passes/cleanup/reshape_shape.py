@@ -8,6 +8,18 @@ Reshape's input (the same value, or the same named symbolic dim), ONNX's
 Reshape can say it with a constant ``0`` ("copy this dim", allowzero=0).
 Once every piece is constant the target is a constant and the Shape chain
 dies (eliminate-dead removes it).
+
+When every piece but one is provable that way (a constant or a copied dim)
+and the target has no ``-1`` yet, the last dynamic piece becomes ``-1``: for a
+valid Reshape it is the one size that makes the element counts agree. (GQA's
+``Reshape(expand(k), [b, kv*rep, s, d])``: b is dim 0, kv*rep a constant, s
+sits at another position of the 5-D input.) Not done when a constant piece
+is 0. onnxruntime cannot infer a -1 next to a dim of size 0, so a tensor with
+a zero-size dim (an empty batch) would stop at such a Reshape; kiln accepts
+that for the shape math it removes.
+
+A target Concat shared by several Reshapes (q, k and v of one layer after
+cse) is rewritten for each Reshape on its own.
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ class SimplifyReshapeShape(Pass):
         if not candidates:
             return PassResult(model, False)
         undo: Undo = []
-        infer_missing_shapes(model, undo)  # to prove dims equal; annotations go back below
+        infer_missing_shapes(model, undo, symbolic=True)  # to prove dims equal; annotations go back below
         try:
             rewrites = [(graph, node, target) for graph, node in candidates
                         if (target := _static_target(node)) is not None]
@@ -87,7 +99,7 @@ def _concat_target(reshape: ir.Node) -> ir.Node | None:
     concat = target.producer()
     if concat is None or concat.op_type != "Concat" or not _graphs.is_standard(concat):
         return None
-    if concat.attributes.get_int("axis", 0) not in (0, -1) or len(target.uses()) != 1:
+    if concat.attributes.get_int("axis", 0) not in (0, -1):
         return None
     return concat
 
@@ -98,6 +110,7 @@ def _static_target(reshape: ir.Node) -> np.ndarray | None:
     if concat is None or data is None:
         return None
     dims: list[int] = []
+    unknown: list[int] = []  # positions of pieces that are one dynamic size each
     for piece in concat.inputs:
         values = _graphs.constant_ints(piece)
         if values is not None:
@@ -105,12 +118,31 @@ def _static_target(reshape: ir.Node) -> np.ndarray | None:
             continue
         picked = _picked_dim(piece)
         if picked is None:
-            return None
+            if not _is_one_size(piece):
+                return None
+            unknown.append(len(dims))
+            dims.append(-1)
+            continue
         source, index = picked
-        if not _same_dim(source, index, data, len(dims)):
-            return None
-        dims.append(0)
+        if _same_dim(source, index, data, len(dims)):
+            dims.append(0)
+        else:
+            unknown.append(len(dims))
+            dims.append(-1)
+    if len(unknown) > 1 or (unknown and (dims.count(-1) > 1 or 0 in _constant_pieces(concat))):
+        return None
     return np.array(dims, dtype=np.int64)
+
+
+def _constant_pieces(concat: ir.Node) -> list[int]:
+    return [v for piece in concat.inputs for v in (_graphs.constant_ints(piece) or [])]
+
+
+def _is_one_size(piece: ir.Value | None) -> bool:
+    """Whether ``piece`` is a 1-element int64 vector (one size of the target)."""
+    if piece is None or piece.dtype != ir.DataType.INT64 or piece.shape is None:
+        return False
+    return list(piece.shape) == [1]
 
 
 def _picked_dim(piece: ir.Value | None) -> tuple[ir.Value, int] | None:
@@ -161,7 +193,7 @@ def _set_target(graph: _graphs.GraphLike, reshape: ir.Node, target: np.ndarray) 
     old = reshape.inputs[1]
     assert old is not None
     value = ir.Value(
-        name=f"{old.name}_static",
+        name=f"{reshape.outputs[0].name}_target",
         type=ir.TensorType(ir.DataType.INT64),
         shape=ir.Shape(target.shape),
     )

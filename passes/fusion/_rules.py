@@ -450,7 +450,7 @@ def apply_rules(model: ir.Model, rules: Sequence[Rule]) -> RuleReport:
         if _wants_shapes(model, rules, report):
             from passes.cleanup._shape_inference import infer_missing_shapes
 
-            infer_missing_shapes(model, undo)
+            infer_missing_shapes(model, undo, symbolic=True)
         try:
             names = _Names(model)
             for graph in _graphs.graph_likes(model):

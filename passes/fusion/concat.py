@@ -7,6 +7,9 @@
   a Concat is that input (the Concat stays while others read it).
 - A run of a Concat's inputs that is every output of one Split, in order, on
   the same axis, is the Split's input.
+- Slices (step 1, one axis) of one value that together cut its whole axis into
+  pieces, without gaps or overlap, are one Split (rotate_half's ``x[..., :h]``
+  and ``x[..., h:]``). Needs the axis size, from shape inference.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
 import onnx_ir as ir
 
 from compiler.passes import register
@@ -257,6 +261,94 @@ class SplitConcat(Rule):
         return m.node
 
 
+def _one_axis_slice(node: ir.Node, ctx: RewriteContext, size_of) -> tuple[int, int, int] | str:
+    """(axis, start, end) of a step-1 Slice on one axis, clamped to the axis size."""
+    params = _slice_params(node, ctx)
+    if isinstance(params, str):
+        return params
+    starts, ends, axes, steps = params
+    if len(starts) != 1 or len(ends) != 1:
+        return "the Slice cuts more than one axis"
+    if steps is not None and steps != [1]:
+        return "the Slice step is not 1"
+    axis = axes[0] if axes else 0
+    size = size_of(axis)
+    if size is None:
+        return "the size of the sliced axis is unknown"
+    axis = axis % size[1]
+    return axis, _clamp(starts[0], size[0]), _clamp(ends[0], size[0])
+
+
+class SliceSplit(Rule):
+    name = "slice-split"
+    anchors = ("Slice",)
+    needs_shapes = True
+
+    def match(self, node: ir.Node, ctx: RewriteContext) -> _Match | None:
+        data = input_at(node, 0)
+        if data is None:
+            return None
+        siblings = [user for user, index in data.uses()
+                    if index == 0 and user is not node and user.op_type == "Slice" and user.domain in ("", "ai.onnx")]
+        return _Match(node, siblings) if siblings else None
+
+    def check(self, m: _Match, ctx: RewriteContext) -> str | None:
+        data = m.node.inputs[0]
+        shape = data.shape if data is not None else None
+
+        def size_of(axis: int) -> tuple[int, int] | None:
+            if shape is None or not -len(shape) <= axis < len(shape) or not isinstance(shape[axis], int):
+                return None
+            return int(shape[axis]), len(shape)
+
+        mine = _one_axis_slice(m.node, ctx, size_of)
+        if isinstance(mine, str):
+            return mine
+        pieces = {m.node: mine}
+        for sibling in m.data:  # type: ignore[union-attr]
+            cut = _one_axis_slice(sibling, ctx, size_of)
+            if not isinstance(cut, str) and cut[0] == mine[0]:
+                pieces[sibling] = cut
+        if len(pieces) < 2:
+            return "no other Slice cuts the same axis of the same value"
+        if any(node.outputs[0].is_graph_output() for node in pieces):
+            return "a Slice output is a graph output"
+        order = sorted(pieces, key=lambda n: (pieces[n][1], pieces[n][2]))
+        size = size_of(mine[0])
+        assert size is not None
+        offset = 0
+        for node in order:
+            _, start, end = pieces[node]
+            if start != offset or end <= start:
+                return "the Slices do not cut the axis into pieces without gaps or overlap"
+            offset = end
+        if offset != size[0]:
+            return "the Slices do not cover the whole axis"
+        for node in ctx.body:  # the Split goes before the anchor: it must be the first of them
+            if node is m.node:
+                break
+            if node in pieces:
+                return "another of the Slices comes first"
+        m.data = (mine[0], order, [pieces[n][2] - pieces[n][1] for n in order])
+        return None
+
+    def rewrite(self, m: _Match, ctx: RewriteContext) -> None:
+        axis, order, sizes = m.data  # type: ignore[misc]
+        data = m.node.inputs[0]
+        inputs: list[ir.Value | None] = [data]
+        attributes = [ir.AttrInt64("axis", axis)]
+        if ctx.opset >= 13:
+            inputs.append(ctx.constant(np.array(sizes, dtype=np.int64), "split_sizes", before=m.node))
+        else:
+            attributes.append(ir.AttrInt64s("split", sizes))
+        split = ctx.node("Split", inputs, attributes=attributes, before=m.node, name_hint="Split",
+                         output_names=[f"{n.outputs[0].name or 'slice'}_split" for n in order])
+        for node, out in zip(order, split.outputs):
+            ctx.forward(node.outputs[0], out)
+        ctx.kill(*order)
+        return None
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class SimplifyConcatSlice(RulePass):
@@ -264,8 +356,9 @@ class SimplifyConcatSlice(RulePass):
 
     name: ClassVar[str] = "simplify-concat-slice"
     summary: ClassVar[str] = (
-        "drop 1-input Concat, flatten Concat of Concat, Slice of Concat -> input, Split+Concat -> input"
+        "drop 1-input Concat, flatten Concat of Concat, Slice of Concat -> input, Split+Concat -> input, "
+        "Slices tiling an axis -> Split"
     )
 
     def rules(self) -> list[Rule]:
-        return [ConcatSingle(), ConcatConcat(), SplitConcat(), SliceConcat()]
+        return [ConcatSingle(), ConcatConcat(), SplitConcat(), SliceConcat(), SliceSplit()]

@@ -129,3 +129,21 @@ def test_pytorch_converted_models(opt_level, tmp_path):
         checked += 1
     assert checked >= 50, f"only {checked} pytorch-converted models ran in onnxruntime"
     assert not failures, "; ".join(failures)
+
+
+#: (batch, sequence) pairs other than the default: the shape math -O3 folds (copy
+#: dims, one -1 per Reshape, Expand targets) must hold for every size, 1 included.
+OTHER_SHAPES = ((1, 1), (3, 7))
+
+
+@pytest.mark.parametrize("name", model_zoo.TRANSFORMERS)
+def test_o3_transformer_at_other_batch_and_sequence_sizes(name, zoo_dir, tmp_path):
+    path = model_zoo.export(name, zoo_dir)
+    art = compiler.compile(str(path), target=TARGET, emit="onnx", opt_level=3, output=tmp_path / "out")
+    for batch, seq in OTHER_SHAPES:
+        feeds = model_zoo.sample_inputs(name, batch=batch, seq=seq)
+        expected = corpus.ort_run(path, feeds)
+        actual = art.run(feeds)
+        for key, want in expected.items():
+            np.testing.assert_allclose(actual[key], want, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name} -O3 at batch {batch}, sequence {seq}: output {key}")

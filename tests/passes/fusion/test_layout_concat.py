@@ -149,3 +149,49 @@ def test_split_on_another_axis_is_kept():
         "p, q = Split <axis=0> (x, sizes)\n        y = Concat <axis=1> (p, q)",
     )
     assert refused(text, PASS) == ["the Split and the Concat use different axes"]
+
+
+def _rotate_half(second_start: int = 8, second_end: int = 2**62, extra: str = "") -> str:
+    """torch's rotate_half on [B, 2, S, 16]: cat(-x[..., 8:], x[..., :8])."""
+    return model_text(
+        "float[B,2,S,16] x",
+        "float[B,2,S,16] y",
+        [ints("zero", [0]), ints("half", [8]), ints("from", [second_start]), ints("to", [second_end]),
+         ints("last", [-1]), ints("one", [1])],
+        f"""a = Slice(x, zero, half, last, one)
+        b = Slice(x, from, to, last, one)
+        n = Neg(b)
+        y = Concat <axis=-1> (n, a){extra}""",
+    )
+
+
+def test_slices_cutting_an_axis_in_two_become_a_split():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    model, report = fuse(_rotate_half(), PASS, feeds={"x": rng.standard_normal((2, 2, 5, 16)).astype(np.float32)})
+    assert report.modified
+    assert op_types(model) == ["Split", "Neg", "Concat"]
+    split = model.graph.node(0)
+    assert split.attributes.get_int("axis") == 3
+    np.testing.assert_array_equal(split.inputs[1].const_value.numpy(), [8, 8])
+
+
+def test_slices_with_a_gap_stay():
+    assert "the Slices do not cut the axis into pieces without gaps or overlap" in refused(_rotate_half(9), PASS)
+
+
+def test_slices_that_stop_short_of_the_end_stay():
+    assert "the Slices do not cover the whole axis" in refused(_rotate_half(8, 15), PASS)
+
+
+def test_slices_of_an_axis_of_unknown_size_stay():
+    text = model_text(
+        "float[B,N] x",
+        "float[B,N] y",
+        [ints("zero", [0]), ints("half", [8]), ints("to", [2**62]), ints("last", [-1]), ints("one", [1])],
+        """a = Slice(x, zero, half, last, one)
+        b = Slice(x, half, to, last, one)
+        y = Concat <axis=-1> (b, a)""",
+    )
+    assert "the size of the sliced axis is unknown" in refused(text, PASS)
