@@ -6,8 +6,10 @@
 ``throughput``: quantization speed (MB of float32 input per second, best of
 ``--repeat`` runs) of kiln's quantizers against the ``gguf`` package's numpy
 quantizers (which cover F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1; its K-quants
-raise NotImplementedError), both single-threaded (CPU time), and of kiln with its thread
-pool (the converter's default) against the gguf package, both in wall time.
+raise NotImplementedError), both single-threaded (CPU time) -- for the 32-element types kiln's
+compiled kernels ("native") and its numpy kernels (``KILN_NO_NATIVE=1``) separately -- and of
+kiln with its thread pool (the converter's default, native where available) against the gguf
+package, both in wall time.
 
 ``rss``: synthesizes a LLaMA-shaped bf16 safetensors checkpoint larger than ``--gb``
 (sparse on disk: zeros, a few random rows), converts it with ``kiln compile --emit gguf
@@ -63,9 +65,22 @@ def throughput(mb: float, repeat: int) -> None:
     print(f"{rows}x{cols} float32 ({size:.1f} MB), best of {repeat}; kiln pool: {threads} threads "
           f"({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} usable CPUs); "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'type':<6} {'kiln 1 thread':>14} {'gguf package':>13} {'ratio':>6}   "
+    from targets.gguf.quants import native
+
+    print(f"native kernels: {'loaded' if native.library() is not None else 'UNAVAILABLE (numpy fallback)'}")
+    print(f"{'type':<6} {'native 1 thr':>13} {'numpy 1 thr':>12} {'gguf package':>13} {'native':>7} {'numpy':>6}   "
           f"{'kiln pool wall':>15} {'gguf wall':>10} {'ratio':>6}")
     cpu = time.process_time
+
+    def numpy_only(fn):
+        os.environ["KILN_NO_NATIVE"] = "1"
+        native.reset()
+        try:
+            return fn()
+        finally:
+            del os.environ["KILN_NO_NATIVE"]
+            native.reset()
+
     for name in ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
         slow = name.endswith("_K")
         data = x[: max(1, rows // 8)] if slow else x
@@ -73,16 +88,21 @@ def throughput(mb: float, repeat: int) -> None:
         reps = 1 if slow else repeat
         Q._THREADS, Q._POOL = 1, None
         one = mbytes / _best(lambda: Q.quantize(data, name), reps, cpu)
+        has_native = name in native.KERNELS and native.library() is not None
+        py = numpy_only(lambda: mbytes / _best(lambda: Q.quantize(data, name), reps, cpu)) if has_native else one
         Q._THREADS, Q._POOL = threads, None
         pool = mbytes / _best(lambda: Q.quantize(data, name), reps)
+        nat = f"{one:>8.0f} MB/s" if has_native else f"{'-':>13}"
         if name in GGUF_PACKAGE_TYPES:
             qt = getattr(gguf.GGMLQuantizationType, name)
             theirs = mbytes / _best(lambda: gguf.quants.quantize(data, qt), reps, cpu)
             theirs_wall = mbytes / _best(lambda: gguf.quants.quantize(data, qt), reps)
-            print(f"{name:<6} {one:>9.0f} MB/s {theirs:>8.0f} MB/s {one / theirs:>5.2f}x   "
+            nat_ratio = f"{one / theirs:>6.2f}x" if has_native else f"{'-':>7}"
+            print(f"{name:<6} {nat} {py:>7.0f} MB/s {theirs:>8.0f} MB/s {nat_ratio} {py / theirs:>5.2f}x   "
                   f"{pool:>10.0f} MB/s {theirs_wall:>5.0f} MB/s {pool / theirs_wall:>5.2f}x")
         else:
-            print(f"{name:<6} {one:>9.1f} MB/s {'-':>13} {'-':>6}   {pool:>10.1f} MB/s {'-':>10} {'-':>6}")
+            print(f"{name:<6} {nat} {py:>7.1f} MB/s {'-':>13} {'-':>7} {'-':>6}   "
+                  f"{pool:>10.1f} MB/s {'-':>10} {'-':>6}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -2,8 +2,8 @@
 ggml's ``ggml_quantize_chunk`` (the ``*_ref`` paths, or ``*_impl`` with an importance matrix).
 
 Rows are processed in chunks of about 1 MB, on a thread pool with one thread per
-usable core (numpy releases the GIL inside its loops), so memory stays at a few
-chunks whatever the tensor size.
+usable core (numpy releases the GIL inside its loops, ctypes around the compiled
+kernels of ``native``), so memory stays at a few chunks whatever the tensor size.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from compiler.errors import KilnError
 from targets.gguf.quants import dequant, kquants, legacy
+from targets.gguf.quants.native import with_native
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +45,11 @@ TYPES: dict[str, GgmlType] = {t.name: t for t in (
     GgmlType("F32", 0, 1, 4),
     GgmlType("F16", 1, 1, 2),
     GgmlType("BF16", 30, 1, 2),
-    GgmlType("Q4_0", 2, 32, 18, legacy.q4_0, dequant.q4_0, True, True),
-    GgmlType("Q4_1", 3, 32, 20, legacy.q4_1, dequant.q4_1, True, True),
-    GgmlType("Q5_0", 6, 32, 22, legacy.q5_0, dequant.q5_0, True, True),
-    GgmlType("Q5_1", 7, 32, 24, legacy.q5_1, dequant.q5_1, True, True),
-    GgmlType("Q8_0", 8, 32, 34, legacy.q8_0, dequant.q8_0, False, True),
+    GgmlType("Q4_0", 2, 32, 18, with_native("Q4_0", legacy.q4_0), dequant.q4_0, True, True),
+    GgmlType("Q4_1", 3, 32, 20, with_native("Q4_1", legacy.q4_1), dequant.q4_1, True, True),
+    GgmlType("Q5_0", 6, 32, 22, with_native("Q5_0", legacy.q5_0), dequant.q5_0, True, True),
+    GgmlType("Q5_1", 7, 32, 24, with_native("Q5_1", legacy.q5_1), dequant.q5_1, True, True),
+    GgmlType("Q8_0", 8, 32, 34, with_native("Q8_0", legacy.q8_0), dequant.q8_0, False, True),
     GgmlType("Q2_K", 10, 256, 84, kquants.q2_k, dequant.q2_k),
     GgmlType("Q3_K", 11, 256, 110, kquants.q3_k, dequant.q3_k),
     GgmlType("Q4_K", 12, 256, 144, kquants.q4_k, dequant.q4_k),
