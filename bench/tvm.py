@@ -3,7 +3,7 @@ MetaSchedule budget, and compile time.
 
     python bench/tvm.py [--trials 128] [--models efficientnet_lite0,minilm,...] [--no-tune]
 
-Per model, on this machine's CPU with all its cores (onnxruntime and TVM alike):
+Per model, on this machine's CPU with all its cores or ``--threads N`` (onnxruntime and TVM alike):
 
 - onnxruntime: the original fp32 model (all graph optimizations); for the int4 decoder, kiln's
   ``--emit onnx --quantize w4`` artifact (MatMulNBits) — the int4 bar to beat;
@@ -83,6 +83,12 @@ def _default_target() -> str:
     return "x86-avx2" if not _env.missing_cpu_features(["+avx2", "+fma"]) else "x86_64-linux-gnu"
 
 
+def _last_tune_seconds() -> float:
+    from targets.tvm import backend
+
+    return float(getattr(backend.emit, "last_timings", {}).get("tune", 0.0))
+
+
 def _compile(source: Path, out: Path, **kw) -> tuple[object, float]:
     start = time.perf_counter()
     art = compiler.compile(str(source), emit="tvm", output=out, **kw)
@@ -95,10 +101,16 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8, help="kernels tuned per model (default 8)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-tune", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for onnxruntime and TVM alike (default: all cores). On a machine other jobs "
+                             "load, 1 measures the code: with every core asked for, each parallel kernel waits "
+                             "for a descheduled thread")
     parser.add_argument("--target", default=_default_target(), help="kiln target (default: x86-avx2 when this CPU has it)")
     args = parser.parse_args()
-    threads = os.cpu_count() or 1
+    threads = args.threads or os.cpu_count() or 1
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts (not yet: nothing ran)
     rows = []
+    tune_s, trials_run = 0.0, 0
     with tempfile.TemporaryDirectory(prefix="kiln-bench-tvm-") as tmp:
         work = Path(tmp)
         for name in args.models.split(","):
@@ -117,11 +129,16 @@ def main() -> None:
                                           tune_trials=args.trials, tune_tasks=args.tasks,
                                           tuning_db=str(work / f"{name}-db"), quiet=True)
                 tuned_ms = _tvm_ms(tuned, feeds)
+                tune_s += _last_tune_seconds()
+                trials_run += int(tuned.manifest["backend"].get("tuning", {}).get("trials", 0))
             rows.append((name, ort_ms, untuned_ms, t_untuned, tuned_ms, t_tuned))
             print(f"done {name}", file=sys.stderr, flush=True)
 
-    budget = "no tuning" if args.no_tune else f"{args.trials} trials on the top {args.tasks} kernels"
-    print(f"\nkiln --emit tvm --target {args.target} vs onnxruntime, {threads} threads; "
+    budget = "no tuning" if args.no_tune else (
+        f"budget {args.trials} trials per model on its top {args.tasks} kernels; spent {trials_run} trials, "
+        f"{tune_s / 60:.1f} min of tuning in all")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nkiln --emit tvm --target {args.target} vs onnxruntime, {threads} threads, load average {load}; "
           f"tuned = MetaSchedule, {budget}\n")
     header = ("model", "onnxruntime ms", "TVM untuned ms", "x ort", "compile s", "TVM tuned ms", "x ort", "compile s")
     print("| " + " | ".join(header) + " |")

@@ -6,14 +6,19 @@ fusion, on each kernel a MetaSchedule database did not already schedule
 (``dlight.ApplyDefaultSchedule`` skips those):
 
 1. ``Elementwise``: injective kernels are inlined into their last block, whose
-   loops are fused, split into a parallel outer loop and a vector inner one.
+   loops are fused, split into a parallel outer loop and a vector inner one
+   (small kernels, up to ``SERIAL_ELEMENTS``, stay on one thread: waking the
+   pool costs more than they do).
 2. ``TiledReduction``: one reduction block (matmul, convolution, pooling)
    with injective prologue and epilogue blocks. Prologues (padding, layout
    moves) are inlined into it. When the innermost output axis is contiguous in
    every buffer that uses it, the output is tiled ``4 x 2*lanes`` with the
    accumulators in a local buffer (registers), the reduction loops inside the
    tile; outer tiles run in parallel; epilogues (bias, activation) are folded
-   into the write-back of each tile. Otherwise (reductions along the
+   into the write-back of each tile. A matrix-vector product (one row: a
+   decoder's token step) gives each task a strip of up to ``GEMV_STRIP``
+   column tiles, accumulated in L1, so each weight row is read in long runs
+   (one cache line per row made a 512x4096 int4 matmul 1.8x slower). Otherwise (reductions along the
    contiguous axis, packed quantized weights) the output axes run in parallel
    and the innermost reduction loop is unrolled by ``lanes``.
 3. TVM's DLight CPU ``Reduction`` rule for softmax / normalization kernels.
@@ -31,6 +36,11 @@ from targets.tvm import _env
 #: accumulator tile: rows x (VECTORS * lanes) columns
 TILE_ROWS = 4
 VECTORS = 2
+#: a matrix-vector product's task spans up to this many column tiles, leaving at least MIN_TASKS tasks
+GEMV_STRIP = 8
+MIN_TASKS = 4
+#: elementwise kernels this small run on one thread
+SERIAL_ELEMENTS = 16384
 
 
 def default_cpu_schedule() -> Any:
@@ -126,7 +136,8 @@ def _rule_classes() -> dict[str, Any]:
                 return
             outer, vec = sch.split(fused, factors=[None, width])
             sch.vectorize(vec)
-            sch.parallel(outer)
+            if n is None or n > SERIAL_ELEMENTS:  # waking the thread pool costs more than a small loop
+                sch.parallel(outer)
 
     class TiledReduction(_Safe):
         def schedule(self, func: Any, target: Any) -> Any:
@@ -186,7 +197,13 @@ def _rule_classes() -> dict[str, Any]:
                 # whole vectors that divide the columns: a partial tile's predicate scalarizes the loop
                 fits = [c for c in range(cols, width - 1, -width) if n_cols % c == 0]
                 cols = fits[0] if fits else (n_cols if n_cols < width else cols)
-            vo, vi = sch.split(s_loops[-1], factors=[None, cols])
+            strip = 1
+            if rows == 1 and n_cols is not None and cols == VECTORS * width * TILE_ROWS:
+                strip = _gemv_strip(n_cols, cols)
+            vo, vi = sch.split(s_loops[-1], factors=[None, cols * strip])
+            vs = None
+            if strip > 1:
+                vs, vi = sch.split(vi, factors=[strip, cols])
             outer = list(s_loops[:-1])
             inner_rows = []
             if ns >= 2:
@@ -194,7 +211,7 @@ def _rule_classes() -> dict[str, Any]:
                     uo, ui = sch.split(s_loops[-2], factors=[None, rows])
                     outer = list(s_loops[:-2]) + [uo]
                     inner_rows = [ui]
-            sch.reorder(*outer, vo, *r_loops, *inner_rows, vi)
+            sch.reorder(*outer, vo, *r_loops, *([vs] if vs is not None else []), *inner_rows, vi)
             tile = sch.fuse(*outer, vo) if outer else vo
             sch.parallel(tile)
             write_back = sch.cache_write(block, 0, "local")
@@ -240,6 +257,16 @@ def _rule_classes() -> dict[str, Any]:
                 if ns:
                     parallel_outer(sch, info.block_rv, ns)
             return sch
+
+    def _gemv_strip(n_cols: int, cols: int) -> int:
+        """How many column tiles one task of a matrix-vector product accumulates (in L1): rows of the
+        weight are then read in long runs instead of one cache line per row (the streaming the hardware
+        prefetcher follows), while at least MIN_TASKS tasks are left to run in parallel."""
+        n_tiles = n_cols // cols
+        for strip in range(min(GEMV_STRIP, n_tiles // MIN_TASKS), 1, -1):
+            if n_tiles % strip == 0:
+                return strip
+        return 1
 
     def _is_pad(sch: Any, info: Any) -> bool:
         try:

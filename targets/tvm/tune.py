@@ -78,6 +78,7 @@ def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trial
         return database, info
 
     per_task = max(trials // len(todo), 1)
+    _cpu_tensor_intrinsics_only()
     contexts = [_context(t, target, work_dir, per_task) for t in todo]
     bar = Progress("tuning", per_task * len(todo), quiet=quiet)
     callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
@@ -93,6 +94,35 @@ def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trial
     info["tasks_searched"] = len(todo)
     info["trials"] = bar.done
     return database, info
+
+
+def _cpu_tensor_intrinsics_only() -> None:
+    """Let ``TuneContext`` import ``tvm.s_tir.tensor_intrin`` without its CUDA half.
+
+    That package's ``__init__`` parses hundreds of CUDA TVMScript intrinsics: 60 s of CPU here, most of a
+    small tuning budget (tuning runs on this host's CPU, which never tensorizes with them). When nothing has
+    imported it yet, the package is registered bare and only this CPU's intrinsics are imported (1.6 s).
+    """
+    import importlib
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import tvm.s_tir
+
+    package = types.ModuleType(name, "tensor intrinsics (kiln: only this CPU's registered)")
+    package.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+    package.__package__ = name
+    sys.modules[name] = package
+    tvm.s_tir.tensor_intrin = package
+    own = {"x86_64": "x86", "aarch64": "arm_cpu"}.get(_env.host_arch())
+    if own:
+        try:
+            setattr(package, own, importlib.import_module(f"{name}.{own}"))
+        except Exception:  # intrinsics are an optimization of int8 schedules: tune without them
+            pass
 
 
 def _with_cores(target: Any) -> Any:

@@ -22,12 +22,13 @@ EM_AARCH64 = 183
 SQUEEZENET = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
 
 
-def _check_aarch64(art) -> None:
+def _check_aarch64(art, verified: bool = True) -> None:
     assert art.manifest["entry"] == "lib.so", art.manifest["backend"].get("notes")
     assert art.manifest["backend"]["linker"] == "aarch64-linux-gnu-gcc"
     assert elf_machine(art.path / "lib.so") == EM_AARCH64
-    verification = art.manifest["verification"]
-    assert verification.get("passed"), verification  # verified under emulation at compile time
+    if verified:
+        verification = art.manifest["verification"]
+        assert verification.get("passed"), verification  # verified under emulation at compile time
 
 
 @pytest.mark.slow
@@ -42,9 +43,10 @@ def test_cnn_for_aarch64_runs_under_qemu(tmp_path):
 @pytest.mark.slow
 def test_decoder_for_aarch64_with_external_params_runs_under_qemu(tmp_path, zoo_dir):
     source = mz.export("llama", zoo_dir)
+    # no compile-time check (the CNN test covers that path): the emulated run below is the check
     art = compiler.compile(str(source), target="aarch64-linux-gnu", emit="tvm", output=tmp_path / "art",
-                           params="external")
-    _check_aarch64(art)
+                           params="external", verify=False)
+    _check_aarch64(art, verified=False)
     assert (art.path / "params" / "tensor-cache.json").is_file()
     inputs = mz.sample_inputs("llama", batch=2, seq=11)
     got = kiln_run(art.path, inputs, tmp_path, "--emulate")
@@ -53,10 +55,10 @@ def test_decoder_for_aarch64_with_external_params_runs_under_qemu(tmp_path, zoo_
 
 def test_foreign_artifact_needs_emulate(tmp_path):
     example = Path(__file__).resolve().parents[3] / "examples" / "models" / "tiny_cnn.onnx"
-    art = compiler.compile(str(example), target="aarch64-linux-gnu", emit="tvm", output=tmp_path / "art")
+    art = compiler.compile(str(example), target="aarch64-linux-gnu", emit="tvm", output=tmp_path / "art", verify=False)
     proc = kiln("run", str(art.path))
     assert proc.returncode == 1
     assert "add --emulate" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    host = compiler.compile(str(example), target="x86_64-linux-gnu", emit="tvm", output=tmp_path / "host")
+    host = compiler.compile(str(example), target="x86_64-linux-gnu", emit="tvm", output=tmp_path / "host", verify=False)
     proc = kiln("run", str(host.path), "--emulate")
     assert proc.returncode == 1 and "drop --emulate" in proc.stderr

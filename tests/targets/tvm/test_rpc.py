@@ -24,6 +24,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    """tiny_cnn for this host with params outside the library, compiled once for the module."""
+    out = tmp_path_factory.mktemp("rpc") / "art"
+    return compiler.compile(str(EXAMPLE), emit="tvm", output=out, params="external", verify=False).path
+
+
 @pytest.fixture
 def rpc_server():
     port = _free_port()
@@ -44,21 +51,18 @@ def rpc_server():
         proc.wait(timeout=30)
 
 
-def test_run_through_rpc(tmp_path, rpc_server):
-    art = compiler.compile(str(EXAMPLE), emit="tvm", output=tmp_path / "art", params="external")
+def test_run_through_rpc(tmp_path, rpc_server, artifact):
     inputs = {"image": np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)}
-    got = kiln_run(art.path, inputs, tmp_path, "--rpc", rpc_server)
+    got = kiln_run(artifact, inputs, tmp_path, "--rpc", rpc_server)
     assert_matches(ort_run(EXAMPLE, inputs), got)
 
 
-def test_unreachable_server_is_one_line(tmp_path):
-    art = compiler.compile(str(EXAMPLE), emit="tvm", output=tmp_path / "art")
-    proc = kiln("run", str(art.path), "--rpc", f"127.0.0.1:{_free_port()}")
+def test_unreachable_server_is_one_line(artifact):
+    proc = kiln("run", str(artifact), "--rpc", f"127.0.0.1:{_free_port()}")
     assert proc.returncode == 1
     assert proc.stderr.startswith("kiln: error: cannot reach a TVM RPC server")
 
 
-def test_bad_address(tmp_path):
-    art = compiler.compile(str(EXAMPLE), emit="tvm", output=tmp_path / "art")
-    proc = kiln("run", str(art.path), "--rpc", "nohost")
+def test_bad_address(artifact):
+    proc = kiln("run", str(artifact), "--rpc", "nohost")
     assert proc.returncode == 1 and "expected HOST:PORT" in proc.stderr
