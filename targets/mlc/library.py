@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from targets.mlc.deterministic import canonical_shape_funcs
+from targets.tvm.deterministic import canonical_shape_funcs
 
 
 def target_of(spec: Any) -> Any:

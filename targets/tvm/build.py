@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from targets.tvm import _env
+from targets.tvm.deterministic import canonical_shape_funcs
 
 
 def make_target(spec: Any, llvm_overrides: Mapping[str, Any] | None = None) -> Any:
@@ -134,6 +135,8 @@ def relax_pipeline(target: Any, *, n_inputs: int, late: Mapping[int, np.ndarray]
 
             passes.append(default_cpu_schedule())
     passes += _stage(target, "dataflow_lower_passes") + _stage(target, "finalize_passes")
+    # the same module gives the same library bytes (shape functions' store order, see ``deterministic``)
+    passes.append(canonical_shape_funcs())
 
     @tvm.transform.module_pass(opt_level=0, name="KilnRelaxPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import compiler
-from targets.mlc import deterministic
+from targets.tvm import deterministic
 from tests.gguf import tiny
 
 

@@ -103,3 +103,37 @@ def test_external_params_are_a_tensor_cache(tmp_path):
     assert lib_bytes(art) < lib_bytes(embedded)
     inputs = {"image": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
     assert_matches(ort_run(EXAMPLE, inputs), kiln_run(art.path, inputs, tmp_path))
+
+
+def _symbolic_mlp() -> onnx.ModelProto:
+    """MatMul-Relu-MatMul-Softmax-Reshape over symbolic (batch, seq): the VM computes shapes at run time."""
+    import onnx.numpy_helper as nh
+
+    f = onnx.TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    weights = [nh.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+               nh.from_array(rng.standard_normal((32, 8)).astype(np.float32), "w2"),
+               nh.from_array(np.array([0, -1], np.int64), "flat")]
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("MatMul", ["r", "w2"], ["o"]), oh.make_node("Softmax", ["o"], ["p"], axis=-1),
+             oh.make_node("Reshape", ["p", "flat"], ["y"])]
+    graph = oh.make_graph(nodes, "mlp", [oh.make_tensor_value_info("x", f, ["batch", "seq", 16])],
+                          [oh.make_tensor_value_info("y", f, ["batch", None])], weights)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_library_bytes_do_not_depend_on_the_process(tmp_path):
+    """TVM's shape functions stored heap slots in an order that followed object addresses, so each process
+    built a different lib.so; four fresh CLI processes must now build the same bytes."""
+    import hashlib
+
+    model = tmp_path / "mlp.onnx"
+    onnx.save(_symbolic_mlp(), model)
+    digests = set()
+    for i in range(4):
+        proc = kiln("compile", str(model), "--emit", "tvm", "-q", "-o", str(tmp_path / f"out{i}"))
+        assert proc.returncode == 0, proc.stderr
+        digests.add(hashlib.sha256((tmp_path / f"out{i}" / "lib.so").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    x = np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32)
+    assert_matches(ort_run(model, {"x": x}), kiln_run(tmp_path / "out0", {"x": x}, tmp_path))
