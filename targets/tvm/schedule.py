@@ -43,14 +43,17 @@ MIN_TASKS = 4
 SERIAL_ELEMENTS = 16384
 
 
+#: the rules in the order the build tries them (the first that schedules a kernel wins)
+RULE_ORDER = ("Elementwise", "TiledReduction", "Reduction", "Fallback")
+
+
 def default_cpu_schedule() -> Any:
     """The ApplyDefaultSchedule pass with kiln's CPU rules."""
     _env.tvm()
     from tvm.s_tir import dlight
 
     rules = _rule_classes()
-    return dlight.ApplyDefaultSchedule(rules["Elementwise"](), rules["TiledReduction"](),
-                                       rules["Reduction"](), rules["Fallback"]())
+    return dlight.ApplyDefaultSchedule(*(rules[name]() for name in RULE_ORDER))
 
 
 _RULES: dict[str, Any] | None = None

@@ -10,7 +10,12 @@
    over every kernel finds nothing (200 trials over a small CNN's 20 kernels
    made it slower in our measurements).
 3. Each task's search space is MetaSchedule's own plus kiln's default CPU
-   schedule, so the measured best is never worse than the default.
+   schedule, and before the search kiln's default is itself measured (same
+   builder, same runner) and committed as a record: the database's best
+   record is a tuned schedule only when that measured faster than the default;
+   otherwise the default's own record wins and the build applies the default.
+   (The search alone may not measure the default on a small budget: MiniLM
+   ran 103 -> 161 ms after a 48-trial, 4-task tuning budget.)
 4. Records go to a JSON database in DIR. A task whose workload already has a
    record there is not searched again: a second compile with the same DIR
    does no search at all. Without DIR the records live in a temporary folder.
@@ -84,12 +89,15 @@ def tune(mod: Any, target: Any, spec: Any, *, n_inputs: int, params: list, trial
     callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
     cost_model = "xgb" if _has_xgboost() else "random"
     builder = ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=BUILD_TIMEOUT_S)
+    runner = ms.runner.LocalRunner()
     with bar, _quiet_logs():
+        info["default_measured"] = sum(_commit_default(database, t.dispatched[0], target, builder, runner)
+                                       for t in todo)
         ms.tune_tasks(
             tasks=contexts, task_weights=[float(t.weight) for t in todo], work_dir=work_dir,
             max_trials_global=per_task * len(todo), max_trials_per_task=per_task,
             num_trials_per_iter=min(32, per_task), database=database, cost_model=cost_model,
-            measure_callbacks=callbacks, builder=builder,
+            measure_callbacks=callbacks, builder=builder, runner=runner,
         )
     info["tasks_searched"] = len(todo)
     info["trials"] = bar.done
@@ -191,17 +199,8 @@ def _context(task: Any, target: Any, work_dir: str, trials: int) -> Any:
     """MetaSchedule's design space plus kiln's default CPU schedule for this kernel."""
     from tvm.s_tir import meta_schedule as ms
 
-    from targets.tvm.schedule import _rule_classes
-
-    rules = _rule_classes()
-
     def kiln_default(sch: Any) -> Any:
-        func = sch.mod["main"]
-        for name in ("Elementwise", "TiledReduction", "Fallback"):
-            scheduled = rules[name]().apply(func, target, False)
-            if scheduled is not None:
-                return scheduled
-        return sch
+        return _default_schedule(sch.mod, target) or sch
 
     space = ms.space_generator.SpaceGeneratorUnion(
         [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(kiln_default)])
@@ -214,6 +213,43 @@ def _context(task: Any, target: Any, work_dir: str, trials: int) -> Any:
     return ms.TuneContext(mod=task.dispatched[0], target=target, space_generator=space,
                           search_strategy=strategy, task_name=task.task_name, logger=logger,
                           num_threads="physical").clone()
+
+
+def _default_schedule(func_mod: Any, target: Any) -> Any:
+    """kiln's default CPU schedule of this one-kernel module, as the build applies it (first rule that fits)."""
+    from targets.tvm.schedule import RULE_ORDER, _rule_classes
+
+    rules = _rule_classes()
+    for name in RULE_ORDER:
+        scheduled = rules[name]().apply(func_mod["main"], target, False)
+        if scheduled is not None:
+            return scheduled
+    return None
+
+
+def _commit_default(database: Any, func_mod: Any, target: Any, builder: Any, runner: Any) -> bool:
+    """Measure kiln's default schedule of this kernel the way MetaSchedule measures its candidates and
+    commit it as a tuning record, so the database's best is a tuned schedule only if it ran faster.
+    False when the default cannot be built or run here (the search's best then stands alone)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    sch = _default_schedule(func_mod, target)
+    if sch is None:
+        return False
+    args_info = ms.arg_info.ArgInfo.from_prim_func(func_mod["main"])
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
+    if built.error_msg or not built.artifact_path:
+        return False
+    try:
+        ran = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])[0].result()
+    finally:
+        ms.utils.remove_build_dir(built.artifact_path)
+    if ran.error_msg or not ran.run_secs:
+        return False
+    database.commit_tuning_record(ms.database.TuningRecord(
+        trace=sch.trace, workload=database.commit_workload(func_mod),
+        run_secs=[float(s) for s in ran.run_secs], target=target, args_info=args_info))
+    return True
 
 
 def _progress_callback(bar: Progress) -> Any:

@@ -45,3 +45,62 @@ def test_tuning_a_target_this_host_cannot_run_is_refused(tmp_path):
 
     with pytest.raises(KilnError, match="--tune-trials measures kernels on this machine"):
         compiler.compile(str(EXAMPLE), target="aarch64-linux-gnu", emit="tvm", output=tmp_path / "a", tune_trials=8)
+
+
+def test_a_tuned_record_is_applied_only_when_it_measured_faster_than_the_default(tmp_path):
+    """kiln's default schedule is measured and committed next to the search's records, so the schedule the
+    build applies (the database's best) is a tuned one only when that ran faster than the default."""
+    from tvm import s_tir, te
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.tvm import tune
+    from targets.tvm.build import make_target
+    from targets.triple import resolve_target
+
+    a = te.placeholder((64, 128), name="a")
+    b = te.placeholder((128, 96), name="b")
+    k = te.reduce_axis((0, 128), name="k")
+    c = te.compute((64, 96), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
+    mod = tvm_module(te.create_prim_func([a, b, c]))
+    target = make_target(resolve_target("x86_64-linux-gnu"))
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path), module_equality="structural")
+    builder = ms.builder.LocalBuilder(f_build=tune._build_candidate, timeout_sec=tune.BUILD_TIMEOUT_S)
+    runner = ms.runner.LocalRunner()
+
+    # a "tuned" candidate as the search would commit it: here the unscheduled kernel (serial, scalar)
+    naive = s_tir.Schedule(mod)
+    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    built = builder.build([ms.builder.BuilderInput(naive.mod, target)])[0]
+    assert not built.error_msg, built.error_msg
+    ran = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])[0].result()
+    assert not ran.error_msg, ran.error_msg
+    workload = database.commit_workload(mod)
+    database.commit_tuning_record(ms.database.TuningRecord(naive.trace, workload, [float(s) for s in ran.run_secs],
+                                                           target, args_info))
+
+    assert tune._commit_default(database, mod, target, builder, runner)
+    records = database.get_all_tuning_records()
+    assert len(records) == 2
+    default_trace = str(tune._default_schedule(mod, target).trace)
+    by_trace = {str(r.trace): _mean(r.run_secs) for r in records}
+    assert default_trace in by_trace and str(naive.trace) in by_trace
+    fastest = min(by_trace, key=by_trace.get)
+    applied = database.query_schedule(mod, target, "main")
+    assert str(applied.trace) == fastest
+    assert tvm_equal(applied.mod, tune._default_schedule(mod, target).mod) == (fastest == default_trace)
+
+
+def tvm_module(func):
+    import tvm
+
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def tvm_equal(a, b) -> bool:
+    import tvm_ffi
+
+    return bool(tvm_ffi.structural_equal(a, b))
+
+
+def _mean(values) -> float:
+    return sum(float(v) for v in values) / len(values)
