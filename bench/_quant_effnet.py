@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quantize import Row, interleaved_latency, timed  # noqa: E402  (bench/ is on sys.path)
+from quantize import Row, compile_row, interleaved_latency, timed  # noqa: E402  (bench/ is on sys.path)
 
 MODEL = "EfficientNet-Lite0"
 METHODS = ("percentile", "minmax", "entropy", "mse")  # the default first
@@ -62,22 +62,14 @@ def rows(args) -> list[Row]:
 
 def _kiln(work: Path, source: Path, scheme: str, calibration: Path) -> Row:
     import compiler
-    from compiler.errors import KilnError, VerificationError
 
     folder = work / f"kiln-{scheme.replace('{', '-').replace('}', '').replace('=', '-')}"
     shutil.rmtree(folder, ignore_errors=True)
     row = Row(MODEL, scheme, "kiln -O2", folder / "model.onnx")
     compile_ = lambda verify: compiler.compile(  # noqa: E731
         str(source), output=folder, opt_level=2, quantize=scheme, verify=verify, calibration=str(calibration))
-    try:
-        artifact, row.quantize_s = timed(lambda: compile_(True))
-    except VerificationError as err:  # keep the numbers, say the artifact failed kiln's own check
-        row.note = f"verification failed ({err}); measured the unverified artifact"
-        shutil.rmtree(folder, ignore_errors=True)
-        artifact, row.quantize_s = timed(lambda: compile_(False))
-    except (KilnError, ImportError, NotImplementedError) as err:
-        row.note = f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        row.path = folder / "missing.onnx"
+    artifact = compile_row(row, folder, compile_)
+    if artifact is None:
         return row
     report = artifact.quantization or {}
     kept = [layer["node"] for layer in report.get("layers", []) if layer.get("scheme") == "float32"]

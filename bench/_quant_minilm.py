@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quantize import Row, interleaved_latency, timed  # noqa: E402  (bench/ is on sys.path)
+from quantize import Row, compile_row, interleaved_latency, timed  # noqa: E402  (bench/ is on sys.path)
 
 MODEL = "all-MiniLM-L6-v2"
 SEQ, BATCH, EVAL_SENTENCES, CALIBRATION_SENTENCES = 32, 16, 256, 128
@@ -62,7 +62,6 @@ def rows(args) -> list[Row]:
 
 def _kiln(work: Path, source: Path, scheme: str, calibration: Path | None) -> Row:
     import compiler
-    from compiler.errors import KilnError, VerificationError
 
     folder = work / f"kiln-{scheme}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -70,15 +69,8 @@ def _kiln(work: Path, source: Path, scheme: str, calibration: Path | None) -> Ro
     compile_ = lambda verify: compiler.compile(  # noqa: E731
         str(source), output=folder, opt_level=2, quantize=scheme, verify=verify,
         calibration=None if calibration is None else str(calibration))
-    try:
-        artifact, row.quantize_s = timed(lambda: compile_(True))
-    except VerificationError as err:  # keep the numbers, say the artifact failed kiln's own check
-        row.note = f"verification failed ({err}); measured the unverified artifact"
-        shutil.rmtree(folder, ignore_errors=True)
-        artifact, row.quantize_s = timed(lambda: compile_(False))
-    except (KilnError, ImportError, NotImplementedError) as err:
-        row.note = f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        row.path = folder / "missing.onnx"
+    artifact = compile_row(row, folder, compile_)
+    if artifact is None:
         return row
     stage = getattr(getattr(artifact, "_quantization", None), "seconds", None)
     if stage is not None:  # the quantize stage (scheme + its accuracy report), out of the whole compile

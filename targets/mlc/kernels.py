@@ -86,19 +86,7 @@ def linear(n: int, k: int, dtype: str, mode: Mode | None, weight_dtype: str | No
     io, ii = sch.split(i, [None, rows_at_once])
     sch.reorder(jo, ji, io, ii)
     sch.parallel(jo)
-    sch.compute_at(p_block, io)
-    loops = sch.get_loops(p_block)  # (unit loops are not created)
-    i_loop, l_loop, ko_loop = loops[-3:] if rows_at_once > 1 else (None, *loops[-2:])
-    sch.reorder(*[x for x in (ko_loop, i_loop, l_loop) if x is not None])
-    init = sch.decompose_reduction(p_block, ko_loop)
-    for loop in sch.get_loops(init)[-2 if rows_at_once > 1 else -1:]:
-        sch.unroll(loop)
-    # rows x lanes unrolled: each weight value is decoded once for the rows of x, and LLVM's SLP
-    # vectorizer packs the lanes
-    if i_loop is not None:
-        sch.unroll(i_loop)
-    sch.unroll(l_loop)
-    sch.set_scope(p_block, 0, "local")
+    _partial_sums_in_registers(sch, p_block, io, rows_at_once)
     func = sch.mod["main"].without_attr("global_symbol")  # the module names it at each call site
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, "tirx.noalias": True})
 
@@ -141,6 +129,17 @@ def linear_rows(rank: int, n: int, k: int, mode: Mode, rows_at_once: int = PREFI
     io, ii = sch.split(i, [None, rows_at_once])
     sch.reorder(jo, ji, *outer, io, ii)
     sch.parallel(jo)
+    _partial_sums_in_registers(sch, p_block, io, rows_at_once)
+    w_block = sch.get_sblock("decoded")
+    sch.compute_at(w_block, jo)
+    sch.vectorize(sch.split(sch.get_loops(w_block)[-1], [None, mode.per_storage])[-1])
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, "tirx.noalias": True})
+
+
+def _partial_sums_in_registers(sch, p_block, io, rows_at_once: int) -> None:
+    """The lane-wise partial sums computed at ``io``, in local scope: rows x lanes unrolled, so each weight
+    value is decoded once for the rows of x and LLVM's SLP vectorizer packs the lanes."""
     sch.compute_at(p_block, io)
     loops = sch.get_loops(p_block)  # (unit loops are not created)
     i_loop, l_loop, ko_loop = loops[-3:] if rows_at_once > 1 else (None, *loops[-2:])
@@ -152,8 +151,3 @@ def linear_rows(rank: int, n: int, k: int, mode: Mode, rows_at_once: int = PREFI
         sch.unroll(i_loop)
     sch.unroll(l_loop)
     sch.set_scope(p_block, 0, "local")
-    w_block = sch.get_sblock("decoded")
-    sch.compute_at(w_block, jo)
-    sch.vectorize(sch.split(sch.get_loops(w_block)[-1], [None, mode.per_storage])[-1])
-    func = sch.mod["main"].without_attr("global_symbol")
-    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, "tirx.noalias": True})

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from passes.quantize.rewrite import add_initializer, unique_name
+
 
 @dataclasses.dataclass
 class Int8EncodeReport:
@@ -129,11 +131,11 @@ def _fold_weight(graph: ir.Graph, dq: ir.Node, w: _Weight) -> None:
     view = [1] * len(shape)
     if w.axis is not None:
         view[w.axis] = shape[w.axis]
-    scale = _initializer(graph, f"{w.scale.name}_b", w.scale.const_value.numpy().astype(np.float32).reshape(
+    scale = add_initializer(graph, f"{w.scale.name}_b", w.scale.const_value.numpy().astype(np.float32).reshape(
         view if w.axis is not None else ()))
     nodes = [_node(graph, "Cast", [w.q], dq.name, "cast", [ir.AttrInt64("to", ir.DataType.FLOAT.value)])]
     if w.zero is not None:
-        zero = _initializer(graph, f"{w.zero.name}_f", w.zero.const_value.numpy().astype(np.float32).reshape(
+        zero = add_initializer(graph, f"{w.zero.name}_f", w.zero.const_value.numpy().astype(np.float32).reshape(
             view if w.axis is not None else ()))
         nodes.append(_node(graph, "Sub", [nodes[-1].outputs[0], zero], dq.name, "sub_zero"))
     nodes.append(_node(graph, "Mul", [nodes[-1].outputs[0], scale], dq.name, "scale"))
@@ -148,10 +150,10 @@ def _gather_rows(graph: ir.Graph, gather: ir.Node, dq: ir.Node, w: _Weight) -> N
     def param(value: ir.Value, suffix: str) -> ir.Value:
         array = value.const_value.numpy().astype(np.float32)
         if w.axis is None:
-            return _initializer(graph, f"{value.name}_{suffix}", array.reshape(()))
+            return add_initializer(graph, f"{value.name}_{suffix}", array.reshape(()))
         if not rows:  # per column: broadcasts over the gathered rows as it is
-            return _initializer(graph, f"{value.name}_{suffix}", array.reshape(-1))
-        table = _initializer(graph, f"{value.name}_{suffix}", array.reshape(-1, 1))
+            return add_initializer(graph, f"{value.name}_{suffix}", array.reshape(-1))
+        table = add_initializer(graph, f"{value.name}_{suffix}", array.reshape(-1, 1))
         picked = _node(graph, "Gather", [table, ids], gather.name, f"gather_{suffix}", [ir.AttrInt64("axis", 0)])
         nodes.append(picked)
         return picked.outputs[0]
@@ -201,25 +203,7 @@ def _node(graph: ir.Graph, op: str, inputs: list, base: str, hint: str, attrs: l
         i += 1
         name = f"{base}/{hint}_{i}"
     node = ir.Node("", op, inputs, attrs or [], name=name, num_outputs=1)
-    node.outputs[0].name = _value_name(graph, f"{name}_output")
+    node.outputs[0].name = unique_name(graph, f"{name}_output")
     return node
 
 
-def _value_name(graph: ir.Graph, hint: str) -> str:
-    taken = set(graph.initializers) | {v.name for v in graph.inputs} | {o.name for n in graph for o in n.outputs}
-    name, i = hint, 0
-    while name in taken:
-        i += 1
-        name = f"{hint}_{i}"
-    return name
-
-
-def _initializer(graph: ir.Graph, hint: str, array: np.ndarray) -> ir.Value:
-    name, i = hint, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{hint}_{i}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value

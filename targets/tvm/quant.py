@@ -42,6 +42,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from passes.quantize.rewrite import add_initializer
+
 DOMAIN = "kiln.tvm"
 _INT_TYPES = {
     ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
@@ -340,8 +342,8 @@ def _word_storage(graph, w: _Weight, orientation: str, codes: np.ndarray, scale:
     if scale.dtype != np.float16 and np.array_equal(half.astype(scale.dtype), scale):
         scale = half  # exactly float16 values (MLC's q4f16_1): stored in 16 bits
     base = w.name.removesuffix("_quantized")
-    values = [_initializer(graph, f"{base}.q4w", pack_words(padded)),
-              _initializer(graph, f"{base}.scale", np.ascontiguousarray(scale))]
+    values = [add_initializer(graph, f"{base}.q4w", pack_words(padded)),
+              add_initializer(graph, f"{base}.scale", np.ascontiguousarray(scale))]
     for v in values:
         plan.storage.append(v.name)
         plan.packed_bytes += v.const_value.nbytes
@@ -363,10 +365,10 @@ def _storage(graph, w: _Weight, layout: str, codes, scale, zero, storage, plan: 
         packed, scale = packed.T, scale.T
         zero = None if zero is None else zero.T
         base = f"{base}.kn"
-    values = [_initializer(graph, f"{base}.q{w.bits}", np.ascontiguousarray(packed))]
-    values.append(_initializer(graph, f"{base}.scale", np.ascontiguousarray(scale)))
+    values = [add_initializer(graph, f"{base}.q{w.bits}", np.ascontiguousarray(packed))]
+    values.append(add_initializer(graph, f"{base}.scale", np.ascontiguousarray(scale)))
     if zero is not None:
-        values.append(_initializer(graph, f"{base}.zero", np.ascontiguousarray(zero)))
+        values.append(add_initializer(graph, f"{base}.zero", np.ascontiguousarray(zero)))
     for v in values:
         plan.storage.append(v.name)
         plan.packed_bytes += v.const_value.nbytes
@@ -374,19 +376,8 @@ def _storage(graph, w: _Weight, layout: str, codes, scale, zero, storage, plan: 
     return values
 
 
-def _initializer(graph: ir.Graph, hint: str, array: np.ndarray) -> ir.Value:
-    name, i = hint, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{hint}_{i}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _scalar(graph: ir.Graph, hint: str, value: float, dtype) -> ir.Value:
-    return _initializer(graph, hint, np.asarray(value, dtype=dtype))
+    return add_initializer(graph, hint, np.asarray(value, dtype=dtype))
 
 
 def _swap(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
