@@ -18,7 +18,7 @@ Steps, on a copy of the IR (the caller's model is never edited):
    time), and gives any tensor that still has no shape fresh symbolic dims.
    ``Range(0, <a dim of a shape>, 1)`` becomes an arange of that symbolic dim
    (the frontend's data-dependent length ends up defined after its first use
-   once FuseOps reorders kernels), and Clip with constant bounds one clip
+   once FuseOps reorders kernels), and Clip with constant bounds maximum/minimum with constants
    (instead of scalar NaN guards constant folding would build one by one).
 
 ConstantOfShape fills of a constant shape (the zoo's weight fills) become
@@ -288,8 +288,8 @@ def _importer_class() -> type:
             return self.bb.normalize(relax.op.arange(prims[0], prims[1], prims[2], dtype=dtype))
 
         def _clip_by_constants(self, inputs: list) -> Any:
-            """Clip with constant bounds as one relax clip (the frontend's NaN-guard on each bound
-            otherwise leaves scalar where/isnan ops that constant folding builds one by one)."""
+            """Clip with constant bounds as maximum/minimum with constants (the frontend's NaN-guard on
+            each bound otherwise leaves scalar where/isnan ops that constant folding builds one by one)."""
             x = inputs[0]
             bounds = []
             for value, default in ((inputs[1] if len(inputs) > 1 else None, -np.inf),
@@ -303,7 +303,15 @@ def _importer_class() -> type:
                     return None
             if not isinstance(getattr(x, "ty", None), relax.TensorType) or not str(x.ty.dtype).startswith("float"):
                 return None
-            return self.bb.normalize(relax.op.clip(x, bounds[0], bounds[1]))
+            # maximum/minimum with scalar constants, not relax.clip: ConvertLayout has no layout rule for
+            # clip, so NHWC convolutions got a transpose to NCHW and back around every ReLU6, which also
+            # kept the clip out of the convolution's fused epilogue
+            dtype = str(x.ty.dtype)
+            if np.isfinite(bounds[0]):
+                x = self.bb.normalize(relax.op.maximum(x, relax.const(bounds[0], dtype)))
+            if np.isfinite(bounds[1]):
+                x = self.bb.normalize(relax.op.minimum(x, relax.const(bounds[1], dtype)))
+            return x
 
         def _kiln_op(self, op_name: str, inputs: list, attrs: dict) -> Any:
             bits, signed = int(attrs["bits"]), bool(attrs["signed"])

@@ -10,12 +10,18 @@ fusion, on each kernel a MetaSchedule database did not already schedule
    (small kernels, up to ``SERIAL_ELEMENTS``, stay on one thread: waking the
    pool costs more than they do).
 2. ``TiledReduction``: one reduction block (matmul, convolution, pooling)
-   with injective prologue and epilogue blocks. Prologues (padding, layout
-   moves) are inlined into it. When the innermost output axis is contiguous in
-   every buffer that uses it, the output is tiled ``4 x 2*lanes`` with the
-   accumulators in a local buffer (registers), the reduction loops inside the
-   tile; outer tiles run in parallel; epilogues (bias, activation) are folded
-   into the write-back of each tile. A matrix-vector product (one row: a
+   with injective prologue and epilogue blocks. Prologues (layout moves) are
+   inlined into it; padding stays a copy. When the innermost output axis is
+   contiguous in every buffer that uses it, the output is tiled ``rows x
+   vectors*lanes`` with the accumulators in registers and the reduction loops
+   inside the tile. The tile shape comes from a small cost model of the FMA
+   units (``_tile_shape``: the most FMAs per cycle that fit the ISA's
+   registers, dividing the output evenly); a tile of rows may span whole
+   image rows (a 7x7 output is tiled 7 rows at a time). Column strips are the
+   outer loop (a strip of weights stays in cache across row tiles), and tiles
+   run in parallel; epilogues (bias, activation) are folded into the
+   write-back of each tile; a depthwise convolution's few taps are unrolled.
+   A matrix-vector product (one row: a
    decoder's token step) gives each task a strip of up to ``GEMV_STRIP``
    column tiles, accumulated in L1, so each weight row is read in long runs
    (one cache line per row made a 512x4096 int4 matmul 1.8x slower). Otherwise (reductions along the
@@ -31,14 +37,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from targets.tvm import _env
 
-#: accumulator tile: rows x (VECTORS * lanes) columns
-TILE_ROWS = 4
-VECTORS = 2
+#: accumulator tiles: up to MAX_ROWS x (MAX_VECTORS * lanes); a tile's accumulators, its column vectors
+#: and the broadcast row value must fit in the ISA's vector registers with one to spare, or LLVM keeps
+#: accumulators in memory (AVX2 has 16; AVX-512 and NEON 32)
+MAX_ROWS = 16
+MAX_VECTORS = 8
+#: cycles before an FMA's result feeds the next one (the tile needs this many FMAs in flight per unit)
+FMA_LATENCY = 5
 #: a matrix-vector product's task spans up to this many column tiles, leaving at least MIN_TASKS tasks
 GEMV_STRIP = 8
 MIN_TASKS = 4
+#: reductions of at most this many steps (a depthwise convolution's taps) are unrolled
+UNROLL_TAPS = 49
 #: elementwise kernels this small run on one thread
 SERIAL_ELEMENTS = 16384
 
@@ -74,6 +88,11 @@ def _rule_classes() -> dict[str, Any]:
         attrs = {str(a) for a in (target.attrs.get("mattr") or [])}
         width = 512 if "+avx512f" in attrs else 256 if attrs & {"+avx", "+avx2"} else 128
         return max(width // bits, 2)
+
+    def registers(target: Any) -> int:
+        attrs = {str(a) for a in (target.attrs.get("mattr") or [])}
+        triple = str(target.attrs.get("mtriple") or "")
+        return 32 if "+avx512f" in attrs or triple.startswith(("aarch64", "arm64")) else 16
 
     def extent(sch: Any, loop: Any) -> int | None:
         value = sch.get(loop).extent
@@ -187,35 +206,31 @@ def _rule_classes() -> dict[str, Any]:
             loops = sch.get_loops(block)
             s_loops, r_loops = loops[:ns], loops[ns:]
             width = lanes(target)
-            rows = 1
-            if ns >= 2:
-                n_rows = extent(sch, s_loops[-2])
-                # a tile that divides the rows (a partial tile's predicate would block vectorizing)
-                rows = TILE_ROWS if n_rows is None else next(
-                    r for r in range(min(TILE_ROWS, n_rows), 0, -1) if n_rows % r == 0)
-            # one row (a matrix-vector product, a token of a decoder): more columns keep the FMA units busy
-            cols = VECTORS * width * (TILE_ROWS if rows == 1 else 1)
+            # a tile of rows spans the output's leading axes (batch, height, width): part of one image row,
+            # or whole image rows (7x7 outputs give tiles of 7 rows, not 7 tiles of 1); the row loops are
+            # split, not fused, so addresses need no division
+            lead = list(s_loops[:-1])
+            extents = [extent(sch, loop) for loop in lead]
+            inner = extents[-1] if lead else 1
             n_cols = extent(sch, s_loops[-1])
-            if n_cols is not None and n_cols % cols:
-                # whole vectors that divide the columns: a partial tile's predicate scalarizes the loop
-                fits = [c for c in range(cols, width - 1, -width) if n_cols % c == 0]
-                cols = fits[0] if fits else (n_cols if n_cols < width else cols)
-            strip = 1
-            if rows == 1 and n_cols is not None and cols == VECTORS * width * TILE_ROWS:
-                strip = _gemv_strip(n_cols, cols)
+            rows, cols, strip = _tile_shape(extents, n_cols, width, registers(target))
             vo, vi = sch.split(s_loops[-1], factors=[None, cols * strip])
             vs = None
             if strip > 1:
                 vs, vi = sch.split(vi, factors=[strip, cols])
-            outer = list(s_loops[:-1])
-            inner_rows = []
-            if ns >= 2:
-                if rows > 1:
-                    uo, ui = sch.split(s_loops[-2], factors=[None, rows])
-                    outer = list(s_loops[:-2]) + [uo]
-                    inner_rows = [ui]
-            sch.reorder(*outer, vo, *r_loops, *([vs] if vs is not None else []), *inner_rows, vi)
-            tile = sch.fuse(*outer, vo) if outer else vo
+            outer, inner_rows = list(lead), []
+            if rows > 1 and (inner is None or inner % rows == 0 or rows < inner):
+                wo, wi = sch.split(lead[-1], factors=[None, rows])
+                outer, inner_rows = lead[:-1] + [wo], [wi]
+            elif rows > 1 and rows == inner:  # one whole image row
+                outer, inner_rows = lead[:-1], [lead[-1]]
+            elif rows > 1:  # whole image rows: rows // inner of the axis before
+                ho, hi = sch.split(lead[-2], factors=[None, rows // inner])
+                outer, inner_rows = lead[:-2] + [ho], [hi, lead[-1]]
+            # column strips outermost: a strip of the weights stays in cache while every row tile reads it
+            order = [vo, *outer]
+            sch.reorder(*order, *r_loops, *([vs] if vs is not None else []), *inner_rows, vi)
+            tile = sch.fuse(*order) if outer else vo
             sch.parallel(tile)
             write_back = sch.cache_write(block, 0, "local")
             for epi in epilogue:
@@ -226,8 +241,19 @@ def _rule_classes() -> dict[str, Any]:
             sch.reverse_compute_at(write_back, tile, preserve_unit_loops=True)
             for ui in inner_rows:
                 sch.unroll(ui)
+            vc = None
+            if cols > width:
+                vc, vi = sch.split(vi, factors=[None, width])
             sch.vectorize(vi)
-            init = sch.decompose_reduction(block, r_loops[0])
+            if vc is not None:
+                sch.unroll(vc)
+            r_extents = [extent(sch, loop) for loop in r_loops]
+            if None not in r_extents and int(np.prod(r_extents)) <= UNROLL_TAPS:
+                # a depthwise convolution's few taps, unrolled: neighbouring taps of a row of outputs
+                # read the same input vectors, which LLVM then loads once
+                for loop in r_loops:
+                    sch.unroll(loop)
+            sch.decompose_reduction(block, r_loops[0])
             vectorize_inner(sch, write_back, width)
 
         @staticmethod
@@ -261,6 +287,54 @@ def _rule_classes() -> dict[str, Any]:
                     parallel_outer(sch, info.block_rv, ns)
             return sch
 
+    def _tile_shape(extents: list, n_cols: int | None, width: int, n_registers: int) -> tuple[int, int, int]:
+        """(rows, columns, strip) of the accumulator tile: the shape that keeps the FMA units busiest.
+
+        Per step of the reduction a ``r x v``-vector tile does ``r*v`` FMAs (two a cycle), ``r`` broadcasts
+        and ``v`` loads (two a cycle), and waits ``FMA_LATENCY`` cycles for each accumulator's previous
+        FMA; accumulators, column vectors and the broadcast value must fit in the registers. Tiles divide the
+        rows and the columns (a partial tile's predicate scalarizes the loop) when they can. ``extents``
+        are the leading output axes' (batch, height, width; None when symbolic): a tile of rows must be
+        a box of the output (part of one image row, or whole image rows), since its write-back covers
+        the bounding box of what it computed."""
+        best, best_key = None, None
+        for v in range(1, MAX_VECTORS + 1):
+            c = v * width
+            if n_cols is not None and n_cols % c and not (n_cols < width and v == 1):
+                continue
+            for r in range(1, MAX_ROWS + 1):
+                if r * v + v + 1 > n_registers - 1 or not _box_rows(r, extents):
+                    continue
+                cycles = max(r * v / 2, (r + v) / 2, FMA_LATENCY)
+                key = (r * v / 2 / cycles, r * v, -(r + v))
+                if best_key is None or key > best_key:
+                    best, best_key = (r, c), key
+        if best is None:  # no whole vector divides the columns: a partial tile
+            best = (next(r for r in (4, 2, 1) if _box_rows(r, extents)), width)
+        rows, cols = best
+        if n_cols is not None and n_cols < cols:
+            cols = n_cols
+        strip = 1
+        if rows == 1 and n_cols is not None and cols * MAX_VECTORS <= n_cols:
+            strip = _gemv_strip(n_cols, cols)
+        return rows, cols, strip
+
+    def _box_rows(rows: int, extents: list) -> bool:
+        """Whether tiles of ``rows`` output rows are boxes: they divide the last leading axis, or are
+        whole multiples of it that divide the axis before."""
+        if rows == 1 or not extents:
+            return rows == 1
+        inner = extents[-1]
+        if inner is None:  # symbolic: a partial last tile
+            return rows <= 4
+        if inner % rows == 0:
+            return True
+        if rows % inner:
+            return False
+        if rows == inner:
+            return True
+        return len(extents) >= 2 and extents[-2] is not None and extents[-2] % (rows // inner) == 0
+
     def _gemv_strip(n_cols: int, cols: int) -> int:
         """How many column tiles one task of a matrix-vector product accumulates (in L1): rows of the
         weight are then read in long runs instead of one cache line per row (the streaming the hardware
@@ -282,10 +356,28 @@ def _rule_classes() -> dict[str, Any]:
 
     class Reduction(dlight.cpu.Reduction):
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc) or _reduces_to_scalar(func):
+                return None
             try:
                 return super().apply(func, target, tunable)
             except Exception:
                 return None
+
+    def _reduces_to_scalar(func: Any) -> bool:
+        """A kernel whose reductions produce one value (softmax of a [1, N] row): DLight's rule would run
+        its elementwise axis in parallel with every reduction inside, recomputed N times."""
+        sch = s_tir.Schedule(func)
+        try:
+            infos = normalize_prim_func(sch) or []
+        except Exception:
+            return False
+        for info in infos:
+            if info.is_injective():
+                continue
+            spatial = [iv.dom.extent for iv in sch.get(info.block_rv).iter_vars if iv.iter_type == 0]
+            if all(isinstance(e, tirx.IntImm) and int(e) == 1 for e in spatial):
+                return True
+        return False
 
     _RULES = {"Elementwise": Elementwise, "TiledReduction": TiledReduction, "Reduction": Reduction,
               "Fallback": Fallback}
