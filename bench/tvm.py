@@ -1,7 +1,7 @@
 """--emit tvm against onnxruntime: latency untuned (kiln's default CPU schedule) and after a bounded
 MetaSchedule budget, and compile time.
 
-    python bench/tvm.py [--trials 128] [--models efficientnet_lite0,minilm,...] [--no-tune]
+    python bench/tvm.py [--trials 128] [--models efficientnet_lite0,minilm,...] [--no-tune] [--threads N] [--rounds N]
 
 Per model, on this machine's CPU with all its cores or ``--threads N`` (onnxruntime and TVM alike):
 
@@ -105,6 +105,9 @@ def main() -> None:
                         help="threads for onnxruntime and TVM alike (default: all cores). On a machine other jobs "
                              "load, 1 measures the code: with every core asked for, each parallel kernel waits "
                              "for a descheduled thread")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure onnxruntime and each TVM build this many times, interleaved, and report "
+                             "the medians (a loaded or shared machine: 5)")
     parser.add_argument("--target", default=_default_target(), help="kiln target (default: x86-avx2 when this CPU has it)")
     args = parser.parse_args()
     threads = args.threads or os.cpu_count() or 1
@@ -117,20 +120,27 @@ def main() -> None:
             source, feeds, dims, scheme = _source(name, work / "zoo")
             if scheme:  # the int4 bar: kiln's own onnxruntime artifact (MatMulNBits)
                 ort_art = compiler.compile(str(source), emit="onnx", output=work / f"{name}-onnx", quantize=scheme)
-                ort_ms = _ort_ms(ort_art.path / ort_art.manifest["entry"], feeds, threads)
+                ort_model = ort_art.path / ort_art.manifest["entry"]
             else:
-                ort_ms = _ort_ms(source, feeds, threads)
+                ort_model = source
             art, t_untuned = _compile(source, work / f"{name}-tvm", target=args.target, quantize=scheme, static_dims=dims)
-            untuned_ms = _tvm_ms(art, feeds)
-            tuned_ms = t_tuned = None
+            tuned = t_tuned = None
             if not args.no_tune and args.trials > 0:
                 tuned, t_tuned = _compile(source, work / f"{name}-tuned", target=args.target, quantize=scheme,
                                           static_dims=dims,
                                           tune_trials=args.trials, tune_tasks=args.tasks,
                                           tuning_db=str(work / f"{name}-db"), quiet=True)
-                tuned_ms = _tvm_ms(tuned, feeds)
                 tune_s += _last_tune_seconds()
                 trials_run += int(tuned.manifest["backend"].get("tuning", {}).get("trials", 0))
+            # rounds interleave the runtimes, so a burst of load elsewhere hits each of them alike
+            ort_runs, untuned_runs, tuned_runs = [], [], []
+            for _ in range(max(args.rounds, 1)):
+                ort_runs.append(_ort_ms(ort_model, feeds, threads))
+                untuned_runs.append(_tvm_ms(art, feeds))
+                if tuned is not None:
+                    tuned_runs.append(_tvm_ms(tuned, feeds))
+            ort_ms, untuned_ms = float(np.median(ort_runs)), float(np.median(untuned_runs))
+            tuned_ms = float(np.median(tuned_runs)) if tuned_runs else None
             rows.append((name, ort_ms, untuned_ms, t_untuned, tuned_ms, t_tuned))
             print(f"done {name}", file=sys.stderr, flush=True)
 
@@ -138,8 +148,9 @@ def main() -> None:
         f"budget {args.trials} trials per model on its top {args.tasks} kernels; spent {trials_run} trials, "
         f"{tune_s / 60:.1f} min of tuning in all")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    rounds = f"; medians of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
     print(f"\nkiln --emit tvm --target {args.target} vs onnxruntime, {threads} threads, load average {load}; "
-          f"tuned = MetaSchedule, {budget}\n")
+          f"tuned = MetaSchedule, {budget}{rounds}\n")
     header = ("model", "onnxruntime ms", "TVM untuned ms", "x ort", "compile s", "TVM tuned ms", "x ort", "compile s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

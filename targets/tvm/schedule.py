@@ -11,16 +11,18 @@ fusion, on each kernel a MetaSchedule database did not already schedule
    pool costs more than they do).
 2. ``TiledReduction``: one reduction block (matmul, convolution, pooling)
    with injective prologue and epilogue blocks. Prologues (layout moves) are
-   inlined into it; padding stays a copy. When the innermost output axis is
-   contiguous in every buffer that uses it, the output is tiled ``rows x
-   vectors*lanes`` with the accumulators in registers and the reduction loops
-   inside the tile. The tile shape comes from a small cost model of the FMA
-   units (``_tile_shape``: the most FMAs per cycle that fit the ISA's
-   registers, dividing the output evenly); a tile of rows may span whole
-   image rows (a 7x7 output is tiled 7 rows at a time). Column strips are the
-   outer loop (a strip of weights stays in cache across row tiles), and tiles
-   run in parallel; epilogues (bias, activation) are folded into the
-   write-back of each tile; a depthwise convolution's few taps are unrolled.
+   inlined into it; padding stays a copy, except in convolutions with few taps
+   (depthwise, a 3-channel stem), which unroll their taps and read the padding
+   in place. When the innermost output axis is contiguous in every buffer that
+   uses it, the output is tiled ``rows x vectors*lanes`` with the accumulators
+   in registers and the reduction loops inside the tile. The tile shape comes
+   from a small cost model of the FMA units (``_tile_shape``: the most FMAs
+   per cycle that fit the ISA's registers, dividing the output evenly); a
+   tile of rows may span whole image rows (a 7x7 output is tiled 7 rows at a
+   time). Column strips are the outer loop when there are many (a strip of
+   weights stays in cache across row tiles); the fewest outer tile loops that
+   give ``PARALLEL_TASKS`` tasks run in parallel; epilogues (bias,
+   activation) are folded into the write-back of each tile.
    A matrix-vector product (one row: a
    decoder's token step) gives each task a strip of up to ``GEMV_STRIP``
    column tiles, accumulated in L1, so each weight row is read in long runs

@@ -41,8 +41,9 @@ def _conv_model(size: int, cin: int, cout: int, k: int, stride: int, groups: int
                          pads=[k // 2] * 4, group=groups),
         helper.make_node("Clip", ["c", "lo", "hi"], ["y"]),  # ReLU6: fused into the tile's write-back
     ]
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight, bias, lo, hi])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "conv", [x], [y], [weight, bias, lo, hi])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
