@@ -130,7 +130,9 @@ def relax_pipeline(target: Any, *, n_inputs: int, late: Mapping[int, np.ndarray]
     if target.kind.name == "llvm":
         # exp/erf/tanh/softmax as TVM's polynomial kernels: LLVM has no vector exp or erf, so each element
         # was a scalar libm call (MiniLM, one thread: GELU matmul 2.5 -> 1.3 ms, softmax 0.74 -> 0.08 ms)
-        passes.append(_fast_math())
+        from tvm import relax
+
+        passes.append(relax.transform.FastMathTransform())
     passes += _stage(target, "legalize_passes")
     if late:
         passes.append(_bind_late(n_inputs, late))
@@ -170,12 +172,6 @@ def _stage(target: Any, name: str) -> list:
     module = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
     with target:  # some stages (Adreno's) read the current target while building their pass list
         return list(getattr(module, name)(target))
-
-
-def _fast_math() -> Any:
-    from tvm import relax
-
-    return relax.transform.FastMathTransform()
 
 
 def _bind_late(n_inputs: int, late: Mapping[int, np.ndarray]) -> Any:

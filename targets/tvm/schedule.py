@@ -87,16 +87,18 @@ def _rule_classes() -> dict[str, Any]:
     from tvm.s_tir.dlight.base import ScheduleRule
     from tvm.s_tir.dlight.base.common_schedules import try_inline, try_inline_contiguous_spatial
 
+    def mattr(target: Any) -> set[str]:
+        return {str(a) for a in (target.attrs.get("mattr") or [])}
+
     def lanes(target: Any, bits: int = 32) -> int:
         """Vector lanes from the target's own features (LLVM's answer can reflect this host's CPU)."""
-        attrs = {str(a) for a in (target.attrs.get("mattr") or [])}
+        attrs = mattr(target)
         width = 512 if "+avx512f" in attrs else 256 if attrs & {"+avx", "+avx2"} else 128
         return max(width // bits, 2)
 
     def registers(target: Any) -> int:
-        attrs = {str(a) for a in (target.attrs.get("mattr") or [])}
         triple = str(target.attrs.get("mtriple") or "")
-        return 32 if "+avx512f" in attrs or triple.startswith(("aarch64", "arm64")) else 16
+        return 32 if "+avx512f" in mattr(target) or triple.startswith(("aarch64", "arm64")) else 16
 
     def extent(sch: Any, loop: Any) -> int | None:
         value = sch.get(loop).extent
@@ -176,7 +178,8 @@ def _rule_classes() -> dict[str, Any]:
             # slower). A convolution with few taps (depthwise, a 3-channel stem) reads each input vector
             # once per tap: there the test costs less than copying the input (dw 3x3 56x56x144: 0.50 ->
             # 0.38 ms; stem: 0.88 -> 0.54 ms)
-            pads = [] if _few_taps(sch, infos) else [b for b in infos if b.is_injective() and _is_pad(sch, b)]
+            few_taps = _few_taps(sch, infos)
+            pads = [] if few_taps else [b for b in infos if b.is_injective() and _is_pad(sch, b)]
             infos = try_inline_contiguous_spatial(sch, [b for b in infos if b not in pads])
             reductions = [b for b in infos if not b.is_injective()]
             if len(reductions) != 1:
@@ -189,7 +192,7 @@ def _rule_classes() -> dict[str, Any]:
             at = infos.index(red)
             prologue, epilogue = infos[:at], infos[at + 1 :]
             if self._contiguous(sch, red.block_rv, ns):
-                self._tile(sch, red.block_rv, ns, len(kind) - ns, [b.block_rv for b in epilogue], target)
+                self._tile(sch, red.block_rv, ns, [b.block_rv for b in epilogue], target, unroll_taps=few_taps)
             else:
                 self._rows(sch, red.block_rv, ns, [b.block_rv for b in epilogue], target)
             for info in prologue + pads:
@@ -209,7 +212,7 @@ def _rule_classes() -> dict[str, Any]:
             return True
 
         @staticmethod
-        def _tile(sch: Any, block: Any, ns: int, nr: int, epilogue: list, target: Any) -> None:
+        def _tile(sch: Any, block: Any, ns: int, epilogue: list, target: Any, *, unroll_taps: bool) -> None:
             loops = sch.get_loops(block)
             s_loops, r_loops = loops[:ns], loops[ns:]
             width = lanes(target)
@@ -255,8 +258,7 @@ def _rule_classes() -> dict[str, Any]:
             sch.vectorize(vi)
             if vc is not None:
                 sch.unroll(vc)
-            r_extents = [extent(sch, loop) for loop in r_loops]
-            if len(r_extents) > 1 and None not in r_extents and int(np.prod(r_extents)) <= UNROLL_TAPS:
+            if unroll_taps:
                 # a depthwise convolution's few taps, unrolled: neighbouring taps of a row of outputs
                 # read the same input vectors, which LLVM then loads once
                 for loop in r_loops:
@@ -369,17 +371,16 @@ def _rule_classes() -> dict[str, Any]:
         return 1
 
     def _few_taps(sch: Any, infos: list) -> bool:
-        """Whether the kernel's one reduction has at most UNROLL_TAPS steps (a depthwise convolution)."""
+        """Whether the kernel's one reduction runs over at most UNROLL_TAPS steps on two or more axes
+        (a depthwise convolution's taps, a 3-channel stem; not a matmul's one short axis)."""
         reductions = [b for b in infos if not b.is_injective()]
         if len(reductions) != 1:
             return False
-        steps = 1
-        for iv in sch.get(reductions[0].block_rv).iter_vars:
-            if iv.iter_type == 2:
-                if not isinstance(iv.dom.extent, tirx.IntImm):
-                    return False
-                steps *= int(iv.dom.extent)
-        return steps <= UNROLL_TAPS
+        extents = [iv.dom.extent for iv in sch.get(reductions[0].block_rv).iter_vars if iv.iter_type == 2]
+        if not all(isinstance(e, tirx.IntImm) for e in extents):
+            return False
+        steps = [int(e) for e in extents if int(e) > 1]
+        return len(steps) > 1 and int(np.prod(steps)) <= UNROLL_TAPS
 
     def _is_pad(sch: Any, info: Any) -> bool:
         try:
